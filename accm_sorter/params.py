@@ -1,0 +1,252 @@
+"""The one place where every accm parameter is defined.
+
+Each parameter has a name, a default, a type, an allowed range or set of choices, the pipeline
+stage that reads it and a description. The sorter's ``_default_params`` and
+``_params_description``, the validation of user input and ``docs/parameters.md`` are all
+generated from ``PARAMETERS`` below, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    default: Any
+    kind: type | tuple
+    """Accepted Python type(s). ``float`` also accepts ints; ``None`` allowed if ``nullable``."""
+    stage: str
+    description: str
+    low: float | None = None
+    """Inclusive lower bound for numbers."""
+    high: float | None = None
+    """Inclusive upper bound for numbers."""
+    choices: tuple = ()
+    nullable: bool = False
+
+    def describe_range(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.low is not None or self.high is not None:
+            low = "-inf" if self.low is None else f"{self.low:g}"
+            high = "inf" if self.high is None else f"{self.high:g}"
+            return f"[{low}, {high}]"
+        return "any"
+
+    def type_name(self) -> str:
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        names = [k.__name__ for k in kinds]
+        if self.nullable:
+            names.append("None")
+        return " | ".join(names)
+
+    def check(self, value: Any) -> Any:
+        """Return the validated value or raise TypeError/ValueError saying what to change."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise TypeError(f"accm parameter '{self.name}' cannot be None; use a {self.type_name()}, e.g. {self.default!r}.")
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        ok = False
+        for kind in kinds:
+            if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = float(value)
+                ok = True
+                break
+            if kind is int and isinstance(value, bool):
+                continue
+            if kind is int and isinstance(value, float) and value.is_integer():
+                value = int(value)
+                ok = True
+                break
+            if isinstance(value, kind):
+                ok = True
+                break
+        if not ok:
+            raise TypeError(
+                f"accm parameter '{self.name}' must be {self.type_name()}, got {type(value).__name__} ({value!r}). "
+                f"Default is {self.default!r}."
+            )
+        if self.choices and value not in self.choices:
+            raise ValueError(
+                f"accm parameter '{self.name}'={value!r} is not allowed; use {self.describe_range()}."
+            )
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value:  # NaN
+                raise ValueError(f"accm parameter '{self.name}' is NaN; use a number in {self.describe_range()}.")
+            if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+                raise ValueError(
+                    f"accm parameter '{self.name}'={value!r} is out of range; use a value in {self.describe_range()}."
+                )
+        return value
+
+
+STAGES = (
+    "general",
+    "preprocess",
+    "detect",
+    "snippets",
+    "augment",
+    "train",
+    "cluster",
+    "pairwise",
+)
+
+PARAMETERS: tuple[Parameter, ...] = (
+    # --- general -------------------------------------------------------------------------
+    Parameter("device", "auto", str, "general",
+              "Torch device for training and inference: 'auto' uses CUDA when available, else CPU.",
+              choices=("auto", "cpu", "cuda")),
+    Parameter("seed", 0, int, "general",
+              "Seed for every random choice (spike subsampling, augmentations, network initialisation). "
+              "The same seed and input give the same spike trains on CPU.", low=0, high=2**32 - 1),
+    Parameter("job_kwargs", {}, dict, "general",
+              "SpikeInterface job kwargs for the chunked stages (n_jobs, chunk_duration, progress_bar, ...). "
+              "n_jobs also sets torch's CPU thread count."),
+    Parameter("save_embeddings", True, bool, "general",
+              "Save per-spike embeddings (float16) and confidences in sorter_output/."),
+    # --- preprocess ----------------------------------------------------------------------
+    Parameter("apply_preprocessing", True, bool, "preprocess",
+              "Band-pass, common reference and whiten the recording. Set False if it is already preprocessed "
+              "(it is then only z-scored so that thresholds are in noise units)."),
+    Parameter("freq_min", 300.0, float, "preprocess", "High-pass corner of the band-pass filter (Hz).",
+              low=1.0, high=10000.0),
+    Parameter("freq_max", 6000.0, float, "preprocess",
+              "Low-pass corner of the band-pass filter (Hz); clipped to 0.45 x sampling rate.", low=100.0, high=50000.0),
+    Parameter("common_reference", "auto", str, "preprocess",
+              "Global median reference: 'auto' applies it with 8 or more channels (on fewer channels it would "
+              "subtract the spikes themselves).", choices=("auto", "median", "none")),
+    Parameter("whiten", True, bool, "preprocess", "Local whitening (radius 100 um) after filtering."),
+    Parameter("cache_preprocessing", "auto", str, "preprocess",
+              "Where to keep the preprocessed traces: 'memory', 'folder' (sorter_output/, memory-mapped), "
+              "'none' (recompute on each pass) or 'auto' (memory if it fits in half the free RAM, else folder).",
+              choices=("auto", "memory", "folder", "none")),
+    # --- detect --------------------------------------------------------------------------
+    Parameter("peak_sign", "neg", str, "detect", "Sign of the spike peaks to detect.",
+              choices=("neg", "pos", "both")),
+    Parameter("detect_threshold", 5.0, float, "detect",
+              "Detection threshold in multiples of the noise level (MAD) of each channel.", low=1.0, high=100.0),
+    Parameter("detect_radius_um", 50.0, float, "detect",
+              "A peak is kept only if it is the largest within this radius and the exclusion window.",
+              low=0.0, high=10000.0),
+    Parameter("exclude_sweep_ms", 0.2, float, "detect",
+              "Half-width of the time window in which only the largest peak (within the radius) is kept.",
+              low=0.0, high=5.0),
+    # --- snippets ------------------------------------------------------------------------
+    Parameter("ms_before", 0.6, float, "snippets", "Snippet length before the peak (ms).", low=0.1, high=5.0),
+    Parameter("ms_after", 1.2, float, "snippets", "Snippet length after the peak (ms).", low=0.1, high=10.0),
+    Parameter("num_local_channels", 8, int, "snippets",
+              "Channels per snippet: the main channel and its nearest neighbours (capped by the channel count).",
+              low=1, high=64),
+    # --- augment -------------------------------------------------------------------------
+    Parameter("aug_jitter_samples", 1.5, float, "augment",
+              "Largest sub-sample time shift (samples) applied to a view.", low=0.0, high=10.0),
+    Parameter("aug_time_warp", 0.05, float, "augment",
+              "Largest relative stretch/compression of the time axis.", low=0.0, high=0.5),
+    Parameter("aug_amplitude_scale", 0.15, float, "augment",
+              "Amplitude is multiplied by a factor drawn in [1 - x, 1 + x].", low=0.0, high=0.9),
+    Parameter("aug_noise_scale", 1.0, float, "augment",
+              "Scale of the real noise snippets (cut from spike-free stretches) added to a view.", low=0.0, high=5.0),
+    Parameter("aug_overlap_prob", 0.4, float, "augment",
+              "Probability of adding another spike, scaled and shifted, to a view (collision simulation).",
+              low=0.0, high=1.0),
+    Parameter("aug_overlap_max_lag_ms", 1.0, float, "augment",
+              "Largest time lag of the added spike in the overlap augmentation (ms).", low=0.0, high=5.0),
+    Parameter("aug_channel_dropout", 0.1, float, "augment",
+              "Probability that each non-main channel of a view is zeroed (spatial jitter).", low=0.0, high=0.9),
+    Parameter("aug_spatial_jitter_ratio", 0.7, float, "augment",
+              "A view may be re-centred on one of the nearest channels whose peak is at least this fraction of "
+              "the main channel's, so the embedding does not depend on which contact happened to peak. "
+              "1.0 turns the spatial jitter off.", low=0.0, high=1.0),
+    # --- train ---------------------------------------------------------------------------
+    Parameter("embedding_dim", 10, int, "train", "Size of the encoder output used for clustering.", low=2, high=256),
+    Parameter("projection_dim", 32, int, "train", "Size of the projection head output used by the loss.",
+              low=2, high=512),
+    Parameter("temperature", 0.2, float, "train", "NT-Xent temperature.", low=0.01, high=10.0),
+    Parameter("train_max_spikes", 20000, int, "train",
+              "Largest number of spikes (uniformly subsampled per channel) used to train the encoder.",
+              low=100, high=10_000_000),
+    Parameter("train_steps", 300, int, "train", "Optimiser steps of contrastive training.", low=1, high=1_000_000),
+    Parameter("batch_size", 256, int, "train", "Spikes per contrastive batch (2 views each).", low=8, high=65536),
+    Parameter("learning_rate", 2e-3, float, "train", "AdamW learning rate (cosine decay).", low=1e-6, high=1.0),
+    Parameter("min_spikes", 50, int, "train",
+              "Fewest detected spikes needed to train; fewer gives an empty sorting with a warning.",
+              low=2, high=1_000_000),
+    # --- cluster -------------------------------------------------------------------------
+    Parameter("cluster_max_spikes", 40000, int, "cluster",
+              "Largest number of spikes clustered by HDBSCAN; the others are assigned by the pairwise classifier.",
+              low=100, high=10_000_000),
+    Parameter("min_cluster_size", 20, int, "cluster", "HDBSCAN min_cluster_size (on the clustered subsample).",
+              low=2, high=100000),
+    Parameter("location_scale_um", 10.0, float, "cluster",
+              "Spike locations are divided by this before being appended to the (unit-norm) embedding: smaller "
+              "values weigh position more.", low=0.1, high=10000.0),
+    # --- pairwise ------------------------------------------------------------------------
+    Parameter("merge_threshold", 0.5, float, "pairwise",
+              "Two clusters are merged when the pairwise classifier's mean same-neuron probability across them "
+              "exceeds this (and the template and refractory guards agree).", low=0.0, high=1.0),
+    Parameter("assign_threshold", 0.3, float, "pairwise",
+              "A spike is assigned to its best cluster only if the same-neuron probability exceeds this; "
+              "otherwise it is discarded as noise.", low=0.0, high=1.0),
+    Parameter("min_firing_rate", 0.05, float, "pairwise",
+              "Units firing less than this (Hz) after assignment are removed.", low=0.0, high=1000.0),
+)
+
+PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+def default_params() -> dict:
+    return {p.name: (dict(p.default) if isinstance(p.default, dict) else p.default) for p in PARAMETERS}
+
+
+def params_description() -> dict:
+    return {
+        p.name: f"{p.description} [{p.type_name()}, {p.describe_range()}, stage: {p.stage}]" for p in PARAMETERS
+    }
+
+
+def validate_params(user_params: dict) -> dict:
+    """Fill defaults and check every parameter; raise ValueError/TypeError with the fix."""
+    unknown = [k for k in user_params if k not in PARAMETERS_BY_NAME]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, PARAMETERS_BY_NAME.keys(), n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ValueError(
+            f"Unknown accm parameter(s): {', '.join(hints)}. "
+            f"See accm_sorter.params.PARAMETERS or get_default_sorter_params('accm') for the valid names."
+        )
+    params = default_params()
+    for key, value in user_params.items():
+        params[key] = PARAMETERS_BY_NAME[key].check(value)
+    if params["freq_min"] >= params["freq_max"]:
+        raise ValueError(
+            f"accm parameter freq_min={params['freq_min']} must be below freq_max={params['freq_max']}."
+        )
+    return params
+
+
+
+def parameters_markdown() -> str:
+    """The parameter reference page (docs/parameters.md), generated from PARAMETERS."""
+    lines = [
+        "# Parameter reference",
+        "",
+        "Generated from `accm_sorter/params.py` by `accm-sorter params --markdown`; do not edit by hand.",
+        "Pass any of these to `run_sorter(\"accm\", recording, **params)` or `accm-sorter sort --param NAME=VALUE`.",
+        "",
+    ]
+    for stage in STAGES:
+        lines += [f"## {stage}", "", "| name | default | type | range | description |", "|---|---|---|---|---|"]
+        for p in PARAMETERS:
+            if p.stage == stage:
+                lines.append(
+                    f"| `{p.name}` | `{p.default!r}` | {p.type_name()} | {p.describe_range()} | {p.description} |"
+                )
+        lines.append("")
+    return "\n".join(lines)

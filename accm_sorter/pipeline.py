@@ -1,0 +1,325 @@
+"""The accm pipeline, one stage after another.
+
+preprocess -> detect -> snippets -> contrastive training -> embedding -> HDBSCAN clustering ->
+pairwise classifier (assignment + confidence) -> pairwise cluster merges -> curation -> outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .cluster import cluster_features, fit_feature_scaling
+from .curation import remove_duplicate_spikes, remove_rare_units
+from .detect import detect_spikes, estimate_noise_levels
+from .pairwise import assign_spikes, build_prototypes, group_templates, merge_clusters, train_spike_classifier
+from .preprocess import cache_recording, preprocess_recording
+from .snippets import (
+    estimate_locations,
+    extract_snippets,
+    local_channel_table,
+    recentre_table,
+    spike_free_times,
+)
+
+NUM_NOISE_SNIPPETS = 2000
+NUM_AUGMENTED_POSITIVES = 4000
+SPATIAL_JITTER_CENTRES = 5
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but torch sees no CUDA GPU; use device='cpu' or 'auto'.")
+    return torch.device(name)
+
+
+def make_logger(sorter_output_folder: Path, verbose: bool) -> logging.Logger:
+    logger = logging.getLogger(f"accm.{id(sorter_output_folder)}")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = logging.FileHandler(sorter_output_folder / "accm.log", mode="w", encoding="utf8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    if verbose:
+        stream = logging.StreamHandler()
+        stream.setFormatter(logging.Formatter("accm: %(message)s"))
+        logger.addHandler(stream)
+    return logger
+
+
+class StageTimer:
+    def __init__(self, log):
+        self.log = log
+        self.timings: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+        self._name = None
+
+    def start(self, name: str):
+        self._close()
+        self._name = name
+        self._t0 = time.perf_counter()
+        self.log(f"stage {name} ...")
+
+    def _close(self):
+        if self._name is not None:
+            self.timings[self._name] = time.perf_counter() - self._t0
+            self.log(f"stage {self._name} done in {self.timings[self._name]:.2f} s")
+            self._name = None
+
+    def finish(self):
+        self._close()
+        return self.timings
+
+
+def global_sample_index(peaks, recording) -> tuple[np.ndarray, int]:
+    """Sample indices on one timeline across segments, and its length (for rates and refractory tests)."""
+    lengths = [recording.get_num_samples(s) for s in range(recording.get_num_segments())]
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype("int64")
+    return peaks["sample_index"] + offsets[peaks["segment_index"]], int(sum(lengths))
+
+
+def build_sorting(peaks, labels, sampling_frequency, num_units, num_segments):
+    from spikeinterface.core import NumpySorting
+
+    per_segment = []
+    for seg in range(num_segments):
+        in_seg = (peaks["segment_index"] == seg) & (labels >= 0)
+        samples, units = peaks["sample_index"][in_seg], labels[in_seg]
+        per_segment.append({u: np.sort(samples[units == u]) for u in range(num_units)})
+    return NumpySorting.from_unit_dict(per_segment, sampling_frequency)
+
+
+def write_sorting(sorting, sorter_output_folder: Path, main_channel_ids, confidence_by_unit):
+    """Save the sorting last and atomically: a folder named 'sorting' is always complete."""
+    if len(main_channel_ids):
+        sorting.set_property("main_channel_id", np.asarray(main_channel_ids))
+        sorting.set_property("accm_mean_confidence", np.asarray(confidence_by_unit, dtype="float64"))
+    tmp = sorter_output_folder / "sorting.partial"
+    final = sorter_output_folder / "sorting"
+    for path in (tmp, final):
+        if path.exists():
+            shutil.rmtree(path)
+    sorting.save(folder=tmp)
+    os.replace(tmp, final)
+
+
+def empty_result(recording, sorter_output_folder, reason: str, log):
+    from spikeinterface.core import NumpySorting
+
+    warnings.warn(f"accm: {reason} Returning an empty sorting.", stacklevel=2)
+    log(f"empty sorting: {reason}")
+    sorting = NumpySorting.from_unit_dict([{} for _ in range(recording.get_num_segments())],
+                                          recording.sampling_frequency)
+    write_sorting(sorting, sorter_output_folder, [], [])
+    return sorting
+
+
+def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool = False):
+    """Sort ``recording`` with validated ``params``; write everything under ``sorter_output_folder``."""
+    import torch
+    from spikeinterface.core import fix_job_kwargs
+
+    sorter_output_folder = Path(sorter_output_folder)
+    logger = make_logger(sorter_output_folder, verbose)
+    log = logger.info
+    timer = StageTimer(log)
+    device = resolve_device(params["device"])
+    seed = params["seed"]
+    rng = np.random.default_rng(seed)
+    job_kwargs = dict(n_jobs=-1, chunk_duration="1s", progress_bar=verbose)
+    job_kwargs.update(params["job_kwargs"])
+    job_kwargs = fix_job_kwargs(job_kwargs)
+    torch.set_num_threads(max(1, int(job_kwargs["n_jobs"])))
+    sampling_frequency = recording.sampling_frequency
+    channel_locations = recording.get_channel_locations()[:, :2]
+    num_channels = recording.get_num_channels()
+    log(f"accm {__version__} on {num_channels} channels, {recording.get_total_duration():.1f} s, device {device}, "
+        f"job_kwargs {job_kwargs}")
+
+    timer.start("preprocess")
+    preprocessed = preprocess_recording(recording, params)
+    preprocessed, cache_info = cache_recording(
+        preprocessed, params["cache_preprocessing"], sorter_output_folder / "preprocessed", job_kwargs
+    )
+
+    timer.start("detect")
+    noise_levels = estimate_noise_levels(preprocessed, seed, job_kwargs)
+    peaks = detect_spikes(preprocessed, noise_levels, params, job_kwargs)
+    log(f"{peaks.size} spikes detected")
+    if peaks.size < params["min_spikes"]:
+        timer.finish()
+        return empty_result(recording, sorter_output_folder,
+                            f"only {peaks.size} spikes crossed detect_threshold={params['detect_threshold']} "
+                            f"(min_spikes={params['min_spikes']}); lower detect_threshold if you expect more.", log)
+
+    timer.start("snippets")
+    nbefore = int(round(params["ms_before"] * sampling_frequency / 1000))
+    nafter = int(round(params["ms_after"] * sampling_frequency / 1000))
+    table = local_channel_table(channel_locations, params["num_local_channels"])
+    wide_table = local_channel_table(channel_locations, min(num_channels, 3 * table.shape[1]))
+    snippets = extract_snippets(preprocessed, peaks, table, nbefore, nafter, job_kwargs)
+    locations = estimate_locations(snippets, table, peaks, channel_locations, nbefore)
+    noise_entries = spike_free_times(peaks, preprocessed, nbefore, nafter, NUM_NOISE_SNIPPETS, rng)
+    noise_snippets = extract_snippets(preprocessed, noise_entries, table, nbefore, nafter, job_kwargs)
+    train_index = np.sort(rng.choice(peaks.size, min(peaks.size, params["train_max_spikes"]), replace=False))
+    wide_snippets = extract_snippets(preprocessed, peaks[train_index], wide_table, nbefore, nafter, job_kwargs)
+    remap = recentre_table(wide_table, table, SPATIAL_JITTER_CENTRES)
+    log(f"snippets {snippets.shape}, {noise_snippets.shape[0]} noise snippets, {train_index.size} training spikes")
+
+    timer.start("train")
+    from .train import embed, train_encoder
+
+    encoder, losses = train_encoder(
+        wide_snippets, peaks["channel_index"][train_index], remap, noise_snippets, params, sampling_frequency,
+        device, verbose=verbose,
+    )
+    log(f"NT-Xent loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f} over {len(losses)} steps")
+
+    timer.start("embed")
+    t_embed = time.perf_counter()
+    embeddings = embed(encoder, snippets, device)
+    embed_rate = snippets.shape[0] / max(time.perf_counter() - t_embed, 1e-9)
+    log(f"encoder inference {embed_rate:,.0f} spikes/s")
+
+    timer.start("cluster")
+    scaling = fit_feature_scaling(embeddings, params["location_scale_um"])
+    features = scaling.transform(embeddings, locations)
+    cluster_index = np.sort(rng.choice(peaks.size, min(peaks.size, params["cluster_max_spikes"]), replace=False))
+    sub_labels, sub_probs = cluster_features(features[cluster_index], params["min_cluster_size"],
+                                             int(job_kwargs["n_jobs"]))
+    num_clusters = int(sub_labels.max()) + 1
+    log(f"HDBSCAN: {num_clusters} clusters, {np.mean(sub_labels < 0):.1%} of clustered spikes left as noise")
+    if num_clusters == 0:
+        timer.finish()
+        return empty_result(recording, sorter_output_folder,
+                            "HDBSCAN found no cluster (too few spikes or no structure).", log)
+
+    timer.start("pairwise")
+    amplitudes = peaks["amplitude"].astype("float32")
+    protos = build_prototypes(features[cluster_index], amplitudes[cluster_index], sub_labels, sub_probs, num_clusters)
+    aug_feats, aug_amps, aug_labels = augmented_positives(
+        encoder, snippets, peaks, table, channel_locations, nbefore, noise_snippets, scaling,
+        cluster_index, sub_labels, sub_probs, params, sampling_frequency, device, rng,
+    )
+    classifier = train_spike_classifier(
+        np.vstack([features[cluster_index], aug_feats]),
+        np.concatenate([amplitudes[cluster_index], aug_amps]),
+        np.concatenate([sub_labels, aug_labels]),
+        protos, seed, device,
+    )
+    labels, confidence = assign_spikes(classifier, features, amplitudes, protos, params["assign_threshold"], device)
+    log(f"pairwise assignment: {np.mean(labels >= 0):.1%} of detected spikes assigned, "
+        f"median confidence {np.median(confidence):.3f}")
+
+    global_samples, total_samples = global_sample_index(peaks, recording)
+    labels, merge_report = merge_clusters(
+        labels, snippets, peaks["channel_index"], table, features, amplitudes, global_samples, num_channels,
+        params["embedding_dim"], total_samples, sampling_frequency, params["merge_threshold"],
+        params["min_cluster_size"], seed, log=log,
+    )
+    log(f"pairwise merges: {merge_report['num_clusters_before']} -> "
+        f"{merge_report.get('num_clusters_after', merge_report['num_clusters_before'])} clusters")
+
+    timer.start("curate")
+    censor = max(1, int(round(2 * params["exclude_sweep_ms"] * sampling_frequency / 1000)))
+    labels = remove_duplicate_spikes(labels, global_samples, confidence, censor)
+    labels = remove_rare_units(labels, recording.get_total_duration(), params["min_firing_rate"])
+    num_units = int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
+    if num_units == 0:
+        timer.finish()
+        return empty_result(recording, sorter_output_folder, "no unit survived assignment and curation.", log)
+    units = [np.flatnonzero(labels == u) for u in range(num_units)]
+    templates = group_templates(snippets, peaks["channel_index"], table, units, num_channels, seed=seed)
+    main_channels = np.abs(templates).max(axis=2).argmax(axis=1)
+    main_channel_ids = recording.channel_ids[main_channels]
+    confidence_by_unit = [float(confidence[idx].mean()) for idx in units]
+    log(f"{num_units} units, {int((labels >= 0).sum())} spikes")
+
+    timer.start("save")
+    sorting = build_sorting(peaks, labels, sampling_frequency, num_units, recording.get_num_segments())
+    save_outputs(sorter_output_folder, params, peaks, labels, confidence, embeddings, encoder, losses,
+                 merge_report, noise_levels, embed_rate, channel_locations, table, log)
+    write_sorting(sorting, sorter_output_folder, main_channel_ids, confidence_by_unit)
+    timings = timer.finish()
+    (sorter_output_folder / "timings.json").write_text(json.dumps(timings, indent=2))
+    del preprocessed
+    if cache_info is not None and cache_info.get("mode") == "folder":
+        shutil.rmtree(sorter_output_folder / "preprocessed", ignore_errors=True)
+    return sorting
+
+
+def augmented_positives(encoder, snippets, peaks, table, channel_locations, nbefore, noise_snippets, scaling,
+                        cluster_index, sub_labels, sub_probs, params, sampling_frequency, device, rng):
+    """Augmented views (collisions, noise, jitter) of confident cluster members, with their cluster label."""
+    import torch
+
+    from .augment import AugmentConfig, augment
+    from .train import embed
+
+    confident = np.flatnonzero((sub_labels >= 0) & (sub_probs >= 0.5))
+    if confident.size == 0:
+        return np.zeros((0, scaling.mean.size + 2), "float32"), np.zeros(0, "float32"), np.zeros(0, "int64")
+    chosen = np.sort(rng.choice(confident, min(confident.size, NUM_AUGMENTED_POSITIVES), replace=False))
+    spike_index = cluster_index[chosen]
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params["seed"] + 1)
+    spikes = torch.as_tensor(snippets[spike_index], device=device)
+    bank = torch.as_tensor(snippets[rng.choice(snippets.shape[0], min(snippets.shape[0], 5000), replace=False)],
+                           device=device)
+    noise = torch.as_tensor(noise_snippets, device=device)
+    views = augment(spikes, noise, bank, AugmentConfig.from_params(params, sampling_frequency), generator)
+    views = views.cpu().numpy()
+    locations = estimate_locations(views, table, peaks[spike_index], channel_locations, nbefore)
+    feats = scaling.transform(embed(encoder, views, device), locations)
+    return feats, peak_amplitude(views, nbefore, params["peak_sign"]), sub_labels[chosen]
+
+
+def peak_amplitude(snippets, nbefore, peak_sign, half_window=3):
+    """Signed peak of the main channel near the snippet centre, as the detector reports it."""
+    window = snippets[:, 0, max(0, nbefore - half_window): nbefore + half_window + 1]
+    if peak_sign == "neg":
+        return window.min(axis=1).astype("float32")
+    if peak_sign == "pos":
+        return window.max(axis=1).astype("float32")
+    return window[np.arange(window.shape[0]), np.abs(window).argmax(axis=1)].astype("float32")
+
+
+def save_outputs(folder: Path, params, peaks, labels, confidence, embeddings, encoder, losses, merge_report,
+                 noise_levels, embed_rate, channel_locations, table, log):
+    import torch
+
+    np.save(folder / "peaks.npy", peaks)
+    np.save(folder / "spike_labels.npy", labels)
+    np.save(folder / "confidence.npy", confidence)
+    if params["save_embeddings"]:
+        np.save(folder / "embeddings.npy", embeddings.astype("float16"))
+    np.save(folder / "noise_levels.npy", noise_levels)
+    torch.save(encoder.state_dict(), folder / "encoder.pt")
+    metadata = dict(
+        accm_version=__version__,
+        torch_version=torch.__version__,
+        num_channels=int(encoder.num_channels),
+        num_samples=int(encoder.num_samples),
+        embedding_dim=int(encoder.embedding_dim),
+        channel_locations=np.asarray(channel_locations).tolist(),
+        channel_table=np.asarray(table).tolist(),
+        params={k: v for k, v in params.items() if k != "job_kwargs"},
+        loss_curve=[float(x) for x in losses],
+        inference_spikes_per_s=float(embed_rate),
+    )
+    (folder / "encoder.json").write_text(json.dumps(metadata, indent=1))
+    (folder / "merges.json").write_text(json.dumps(merge_report, indent=1))
+    log(f"outputs written to {folder}")
