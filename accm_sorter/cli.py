@@ -69,9 +69,9 @@ def cmd_demo(args) -> int:
 
     print(f"Generating the '{args.scenario}' ground-truth recording ({args.duration:g} s, seed {args.seed}) ...")
     folder = Path(args.folder)
-    gt_folder = folder.with_name(folder.name + "_ground_truth")
+    gt_folder = folder.with_name(folder.name + "_data")
     recording, gt_sorting = generate_scenario(args.scenario, duration=args.duration, seed=args.seed,
-                                              gt_folder=gt_folder)
+                                              folder=gt_folder)
     print(f"{recording.get_num_channels()} channels, {gt_sorting.get_num_units()} ground-truth units, "
           f"{recording.sampling_frequency:g} Hz")
     params = dict(args.param or [])

@@ -166,7 +166,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("embedding_dim", 10, int, "train", "Size of the encoder output used for clustering.", low=2, high=256),
     Parameter("projection_dim", 32, int, "train", "Size of the projection head output used by the loss.",
               low=2, high=512),
-    Parameter("temperature", 0.2, float, "train", "NT-Xent temperature.", low=0.01, high=10.0),
+    Parameter("temperature", 0.2, float, "train", "NT-Xent temperature: lower values sharpen the contrast between positives and negatives (CEED uses 0.2).", low=0.01, high=10.0),
     Parameter("train_max_spikes", 20000, int, "train",
               "Largest number of spikes (uniformly subsampled per channel) used to train the encoder.",
               low=100, high=10_000_000),

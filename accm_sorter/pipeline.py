@@ -112,7 +112,10 @@ def write_sorting(sorting, sorter_output_folder: Path, main_channel_ids, confide
     for path in (tmp, final):
         if path.exists():
             shutil.rmtree(path)
-    sorting.save(folder=tmp)
+    with warnings.catch_warnings():
+        # a NumpySorting has no provenance to save; SpikeInterface says so on every save
+        warnings.filterwarnings("ignore", message="The extractor is not serializable")
+        sorting.save(folder=tmp)
     os.replace(tmp, final)
 
 

@@ -6,16 +6,28 @@ re-made from a name and a seed.
 
 from __future__ import annotations
 
+import json
+import shutil
+import warnings
 from pathlib import Path
 
-from spikeinterface.core import generate_ground_truth_recording, generate_sorting
+import spikeinterface.preprocessing as spre
+from spikeinterface.core import generate_ground_truth_recording, load
+
+UV_PER_BIT = 0.25
+warnings.filterwarnings("ignore", message="The extractor is not serializable")
 
 PROBE32 = dict(num_columns=2, num_contact_per_column=16, xpitch=20.0, ypitch=20.0,
                contact_shapes="circle", contact_shape_params={"radius": 6})
 TETRODE = dict(num_columns=2, num_contact_per_column=2, xpitch=20.0, ypitch=20.0,
                contact_shapes="circle", contact_shape_params={"radius": 6})
 
+SMALL8 = dict(num_columns=2, num_contact_per_column=4, xpitch=20.0, ypitch=20.0,
+              contact_shapes="circle", contact_shape_params={"radius": 6})
+
 SCENARIOS = {
+    "small8": dict(probe=SMALL8, num_units=8, firing_rates=(5.0, 15.0), noise=5.0,
+                   locations=dict(margin_um=10.0, minimum_z=5.0, maximum_z=40.0, minimum_distance=15.0)),
     "tetrode": dict(probe=TETRODE, num_units=10, firing_rates=(2.0, 15.0), noise=5.0,
                     locations=dict(margin_um=10.0, minimum_z=5.0, maximum_z=40.0, minimum_distance=12.0)),
     "probe32": dict(probe=PROBE32, num_units=25, firing_rates=(2.0, 15.0), noise=5.0,
@@ -29,28 +41,43 @@ SCENARIOS = {
 
 
 def generate_scenario(name: str = "probe32", duration: float = 120.0, seed: int = 2002,
-                      num_units: int | None = None, gt_folder: str | Path | None = None):
+                      num_units: int | None = None, folder: str | Path | None = None):
     """Return (recording, gt_sorting) for a named scenario, 30 kHz, upsample_factor=4.
 
-    With ``gt_folder`` the ground-truth spike trains are saved there and the returned recording
-    is lazy *and* serializable (``run_sorter`` needs that); it is sample-identical to the
-    in-memory one for the same name, duration and seed.
+    Without ``folder`` both are lazy, in memory. With ``folder`` they are written there once
+    (int16 binary recording at 0.25 uV per bit, plus the ground-truth sorting) and loaded from
+    there on later calls, so every sorter reads byte-identical data and the recording can be
+    sent to worker processes.
     """
     if name not in SCENARIOS:
         raise ValueError(f"Unknown scenario '{name}'; choose one of {sorted(SCENARIOS)}.")
+    spec = dict(name=name, duration=float(duration), seed=int(seed), num_units=num_units)
+    if folder is not None:
+        folder = Path(folder)
+        spec_file = folder / "scenario.json"
+        if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
+            return load(folder / "recording"), load(folder / "gt_sorting")
+    recording, sorting = _generate(name, float(duration), int(seed), num_units)
+    if folder is None:
+        return recording, sorting
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    as_int16 = spre.scale(recording, gain=1.0 / UV_PER_BIT, dtype="int16")
+    as_int16.set_channel_gains(UV_PER_BIT)
+    as_int16.set_channel_offsets(0.0)
+    saved = as_int16.save(folder=folder / "recording", format="binary", n_jobs=1, chunk_duration="1s",
+                          progress_bar=False)
+    gt = sorting.save(folder=folder / "gt_sorting")
+    (folder / "scenario.json").write_text(json.dumps(spec))
+    return saved, gt
+
+
+def _generate(name, duration, seed, num_units):
     spec = SCENARIOS[name]
-    sampling_frequency = 30000.0
-    sorting = None
-    if gt_folder is not None:
-        sorting = generate_sorting(
-            num_units=num_units or spec["num_units"], sampling_frequency=sampling_frequency,
-            durations=[float(duration)], firing_rates=spec["firing_rates"], refractory_period_ms=4.0, seed=seed,
-        )
-        sorting = sorting.save(folder=gt_folder, overwrite=True)
     recording, sorting = generate_ground_truth_recording(
-        sorting=sorting,
-        durations=[float(duration)],
-        sampling_frequency=sampling_frequency,
+        durations=[duration],
+        sampling_frequency=30000.0,
         num_channels=spec["probe"]["num_columns"] * spec["probe"]["num_contact_per_column"],
         num_units=num_units or spec["num_units"],
         generate_probe_kwargs=spec["probe"],
@@ -61,8 +88,4 @@ def generate_scenario(name: str = "probe32", duration: float = 120.0, seed: int 
         seed=seed,
     )
     recording.annotate(is_filtered=False)
-    if gt_folder is not None:
-        # SpikeInterface 0.105 cannot rebuild an upsampled InjectTemplatesRecording from JSON (its
-        # upsample_vector comes back as a list); pickle round-trips it, so steer run_sorter to pickle.
-        recording._serializability["json"] = False
     return recording, sorting

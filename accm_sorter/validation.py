@@ -25,13 +25,20 @@ def check_recording(recording) -> None:
     num_channels = recording.get_num_channels()
     if num_channels == 0:
         raise RecordingCheckError("The recording has no channels; there is nothing to sort.")
-    if not recording.has_probe() and "location" not in recording.get_property_keys():
+    if not recording.has_probe():
         raise RecordingCheckError(
             "The recording has no channel locations: accm needs them to pick each spike's neighbouring channels. "
-            "Attach the probe with recording = recording.set_probe(probe) (probeinterface), or set locations "
-            "with recording.set_channel_locations(locations) (an array of shape (num_channels, 2) in um)."
+            "Attach the probe with recording.set_probe(probe) (probeinterface), or give contact positions "
+            "with recording.set_dummy_probe_from_locations(locations) (an array of shape (num_channels, 2) in um)."
         )
-    locations = np.asarray(recording.get_channel_locations())
+    try:
+        locations = np.asarray(recording.get_channel_locations())
+    except Exception as err:  # SpikeInterface raises a bare Exception for overlapping probes
+        raise RecordingCheckError(
+            f"Cannot read channel locations ({err}). If the recording holds several shanks or tetrodes drawn at the "
+            "same coordinates, sort each with spikeinterface.sorters.run_sorter_by_property(..., "
+            "grouping_property='group')."
+        ) from err
     if not np.all(np.isfinite(locations)):
         raise RecordingCheckError("Some channel locations are NaN or inf: fix the probe geometry.")
     if len({tuple(row) for row in locations.round(6)}) != num_channels:
@@ -47,6 +54,11 @@ def check_recording(recording) -> None:
             f"needs at least {MIN_DURATION_S:g} s (in practice a minute or more)."
         )
     check_finite_traces(recording)
+    if not (recording.check_serializability("json") or recording.check_serializability("pickle")):
+        raise RecordingCheckError(
+            "This in-memory recording cannot be written to the sorter folder, which run_sorter needs to reload it. "
+            "Save it first: recording = recording.save(folder='my_recording') (binary, memory-mapped)."
+        )
 
 
 def check_finite_traces(recording, seed: int = 0) -> None:
