@@ -106,6 +106,12 @@ def cmd_sort(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    from .benchmark import main_benchmark
+
+    return main_benchmark(args)
+
+
 def cmd_params(args) -> int:
     from .params import PARAMETERS, parameters_markdown
 
@@ -139,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     sort.add_argument("--param", action="append", type=parse_param, metavar="NAME=VALUE")
     sort.add_argument("--verbose", action="store_true")
     sort.set_defaults(func=cmd_sort)
+
+    bench = sub.add_parser("benchmark", help="run sorters on ground-truth scenarios and score them")
+    bench.add_argument("--scenarios", default="probe32", help="comma-separated scenario names (default probe32)")
+    bench.add_argument("--sorters", default="accm,tridesclous2,spykingcircus2", help="comma-separated sorter names")
+    bench.add_argument("--duration", type=float, default=120.0)
+    bench.add_argument("--seed", type=int, default=2002)
+    bench.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per sorter run")
+    bench.add_argument("--output", default="benchmark_output")
+    bench.set_defaults(func=cmd_benchmark)
 
     params = sub.add_parser("params", help="list the parameters")
     params.add_argument("--markdown", action="store_true", help="print docs/parameters.md")

@@ -20,11 +20,11 @@ class SpikeEncoder(nn.Module):
         self.embedding_dim = embedding_dim
         self.register_buffer("input_scale", torch.tensor(float(input_scale)))
         self.conv = nn.Sequential(
-            nn.Conv1d(num_channels, 32, kernel_size=5, padding=2),
+            nn.Conv1d(num_channels, 16, kernel_size=5, padding=2),
             nn.GELU(),
-            nn.Conv1d(32, 64, kernel_size=5, stride=2, padding=2),
+            nn.Conv1d(16, 32, kernel_size=5, stride=2, padding=2),
             nn.GELU(),
-            nn.Conv1d(64, 64, kernel_size=3, stride=2, padding=1),
+            nn.Conv1d(32, 64, kernel_size=3, stride=2, padding=1),
             nn.GELU(),
         )
         with torch.no_grad():

@@ -25,8 +25,14 @@ from .model import PairwiseClassifier
 
 NUM_SPIKE_SCALARS = 2
 NEAREST_PROTOTYPES = 4
+PAIR_FEATURE_NAMES = ("template_cosine", "template_difference", "embedding_distance", "location_distance",
+                      "log_amplitude_ratio", "refractory_ratio")
 MIN_MERGE_TEMPLATE_COSINE = 0.8
 MAX_MERGE_REFRACTORY_RATIO = 0.3
+# Below this many expected coincidences the refractory test cannot tell one neuron from two: it
+# then reports a neutral value and abstains from vetoing the merge.
+MIN_EXPECTED_COINCIDENCES = 3.0
+UNINFORMATIVE_REFRACTORY_RATIO = 0.5
 
 
 @dataclass
@@ -180,9 +186,8 @@ def refractory_ratio(train_a, train_b, total_samples, sampling_frequency, low_ms
     right = np.searchsorted(train_b, train_a + high, side="right")
     observed = float((inner_left - left).sum() + (right - inner_right).sum())
     expected = train_a.size * train_b.size * 2 * (high - low) / max(total_samples, 1)
-    if expected < 3.0:
-        # Too few expected coincidences to tell: report "uninformative" as a neutral 0.5 unless seen.
-        return 0.5 if observed == 0 else 1.0
+    if expected < MIN_EXPECTED_COINCIDENCES:
+        return UNINFORMATIVE_REFRACTORY_RATIO
     return observed / expected
 
 
@@ -233,13 +238,16 @@ def same_neuron_splits(index, amplitudes, main_channels, min_size):
 
 def merge_clusters(labels, snippets, main_channels, channel_table, features, amplitudes, samples, num_channels,
                    num_embedding_dims, total_samples, sampling_frequency, threshold, min_size, seed, log=print):
-    """Merge clusters the cluster-pair classifier calls the same neuron; return new labels and a report."""
+    """Merge clusters the cluster-pair classifier calls the same neuron; return new labels and a report.
+
+    ``report["cluster_map"][old_label]`` is the label each input cluster ends up with.
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     num_clusters = int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
-    report = {"num_clusters_before": num_clusters, "merges": []}
+    report = {"num_clusters_before": num_clusters, "merges": [], "cluster_map": list(range(num_clusters))}
     if num_clusters < 2:
         return labels, report
     max_lag = max(1, int(0.2 * sampling_frequency / 1000))
@@ -271,25 +279,38 @@ def merge_clusters(labels, snippets, main_channels, channel_table, features, amp
     model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", C=1.0, max_iter=1000))
     model.fit(x, y)
     prob = model.predict_proba(x_candidates)[:, 1]
+    report["candidates"] = [
+        dict(a=int(a), b=int(b), probability=float(p), **dict(zip(PAIR_FEATURE_NAMES, map(float, feats))))
+        for (a, b), p, feats in zip(candidates, prob, x_candidates)
+    ]
 
-    parent = list(range(num_clusters))
+    # Agglomerate in order of confidence. A merge joins whole groups, so it must pass the guards
+    # against every candidate pair across the two groups: otherwise A~B and B~C would fuse A and C
+    # even when A and C are two neurons by their refractory periods.
+    def guards_pass(feats):
+        refractory_ok = feats[5] <= MAX_MERGE_REFRACTORY_RATIO or feats[5] == UNINFORMATIVE_REFRACTORY_RATIO
+        return refractory_ok and feats[0] >= MIN_MERGE_TEMPLATE_COSINE
 
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for (a, b), p, feats in zip(candidates, prob, x_candidates):
-        # Guards: one neuron cannot fire twice within its refractory period, and its halves share a shape.
-        refractory_ok = feats[5] <= MAX_MERGE_REFRACTORY_RATIO
-        shape_ok = feats[0] >= MIN_MERGE_TEMPLATE_COSINE
-        if p >= threshold and refractory_ok and shape_ok:
-            parent[find(b)] = find(a)
-            report["merges"].append(dict(a=int(a), b=int(b), probability=float(p), template_cosine=float(feats[0]),
-                                         refractory_ratio=float(feats[5])))
-    roots = np.array([find(c) for c in range(num_clusters)])
+    pair_features = {pair: feats for pair, feats in zip(candidates, x_candidates)}
+    group_of = list(range(num_clusters))
+    groups = {c: {c} for c in range(num_clusters)}
+    for order in np.argsort(-prob):
+        (a, b), p, feats = candidates[order], prob[order], x_candidates[order]
+        ga, gb = group_of[a], group_of[b]
+        if p < threshold or ga == gb or not guards_pass(feats):
+            continue
+        across = [pair_features[(min(x, y), max(x, y))] for x in groups[ga] for y in groups[gb]
+                  if (min(x, y), max(x, y)) in pair_features]
+        if not all(guards_pass(f) for f in across):
+            continue
+        for member in groups[gb]:
+            group_of[member] = ga
+        groups[ga] |= groups.pop(gb)
+        report["merges"].append(dict(a=int(a), b=int(b), probability=float(p), template_cosine=float(feats[0]),
+                                     refractory_ratio=float(feats[5])))
+    roots = np.array(group_of)
     _, new_ids = np.unique(roots, return_inverse=True)
     new_labels = np.where(labels >= 0, new_ids[np.clip(labels, 0, None)], -1)
     report["num_clusters_after"] = int(new_ids.max()) + 1
+    report["cluster_map"] = new_ids.tolist()
     return new_labels, report

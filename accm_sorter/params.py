@@ -192,6 +192,15 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("assign_threshold", 0.3, float, "pairwise",
               "A spike is assigned to its best cluster only if the same-neuron probability exceeds this; "
               "otherwise it is discarded as noise.", low=0.0, high=1.0),
+    Parameter("resolve_overlaps", True, bool, "pairwise",
+              "Peel each overlapping neighbour's template from a spike's snippet and let the pairwise classifier "
+              "re-assign the residual."),
+    Parameter("overlap_max_lag_ms", 1.0, float, "pairwise",
+              "Two spikes overlap when their peaks are this close in time (ms) and their main channels within "
+              "overlap_radius_um.", low=0.0, high=5.0),
+    Parameter("overlap_radius_um", 100.0, float, "pairwise",
+              "Largest distance between the main channels of two overlapping spikes that are peeled.",
+              low=0.0, high=10000.0),
     Parameter("min_firing_rate", 0.05, float, "pairwise",
               "Units firing less than this (Hz) after assignment are removed.", low=0.0, high=1000.0),
 )

