@@ -173,6 +173,13 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("train_steps", 300, int, "train", "Optimiser steps of contrastive training.", low=1, high=1_000_000),
     Parameter("batch_size", 256, int, "train", "Spikes per contrastive batch (2 views each).", low=8, high=65536),
     Parameter("learning_rate", 2e-3, float, "train", "AdamW learning rate (cosine decay).", low=1e-6, high=1.0),
+    Parameter("pretrained_encoder", None, str, "train",
+              "Start from a previous run's encoder: the path of its encoder.pt, its sorter_output/ or its run "
+              "folder. The snippet shape must match (same num_local_channels, ms_before, ms_after, sampling "
+              "rate). Loaded weights-only: files carrying pickled code are refused.", nullable=True),
+    Parameter("pretrained_train_steps", 60, int, "train",
+              "Contrastive fine-tuning steps on this recording when starting from pretrained_encoder "
+              "(0 uses it as it is).", low=0, high=1_000_000),
     Parameter("min_spikes", 50, int, "train",
               "Fewest detected spikes needed to train; fewer gives an empty sorting with a warning.",
               low=2, high=1_000_000),

@@ -20,6 +20,7 @@ from . import __version__
 from .cluster import cluster_features, fit_feature_scaling
 from .curation import remove_duplicate_spikes, remove_rare_units
 from .detect import detect_spikes, estimate_noise_levels
+from .encoder_io import save_encoder
 from .overlaps import resolve_overlaps
 from .pairwise import assign_spikes, build_prototypes, group_templates, merge_clusters, train_spike_classifier
 from .preprocess import cache_recording, preprocess_recording
@@ -186,11 +187,19 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     timer.start("train")
     from .train import embed, train_encoder
 
+    initial_encoder = None
+    if params["pretrained_encoder"] is not None:
+        from .encoder_io import load_encoder
+
+        initial_encoder, _ = load_encoder(params["pretrained_encoder"], table.shape[1], nbefore + nafter)
+        log(f"starting from pretrained encoder {params['pretrained_encoder']} "
+            f"({params['pretrained_train_steps']} fine-tuning steps)")
     encoder, losses = train_encoder(
         wide_snippets, peaks["channel_index"][train_index], remap, noise_snippets, params, sampling_frequency,
-        device, verbose=verbose,
+        device, verbose=verbose, initial_encoder=initial_encoder,
     )
-    log(f"NT-Xent loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f} over {len(losses)} steps")
+    if losses:
+        log(f"NT-Xent loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f} over {len(losses)} steps")
 
     timer.start("embed")
     t_embed = time.perf_counter()
@@ -284,7 +293,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     timer.start("save")
     sorting = build_sorting(peaks, labels, sampling_frequency, num_units, recording.get_num_segments())
     save_outputs(sorter_output_folder, params, peaks, labels, confidence, embeddings, encoder, losses,
-                 merge_report, noise_levels, embed_rate, channel_locations, table, log)
+                 merge_report, noise_levels, embed_rate, channel_locations, table, sampling_frequency, log)
     write_sorting(sorting, sorter_output_folder, main_channel_ids, confidence_by_unit)
     timings = timer.finish()
     (sorter_output_folder / "timings.json").write_text(json.dumps(timings, indent=2))
@@ -331,7 +340,7 @@ def peak_amplitude(snippets, nbefore, peak_sign, half_window=3):
 
 
 def save_outputs(folder: Path, params, peaks, labels, confidence, embeddings, encoder, losses, merge_report,
-                 noise_levels, embed_rate, channel_locations, table, log):
+                 noise_levels, embed_rate, channel_locations, table, sampling_frequency, log):
     import torch
 
     np.save(folder / "peaks.npy", peaks)
@@ -340,7 +349,6 @@ def save_outputs(folder: Path, params, peaks, labels, confidence, embeddings, en
     if params["save_embeddings"]:
         np.save(folder / "embeddings.npy", embeddings.astype("float16"))
     np.save(folder / "noise_levels.npy", noise_levels)
-    torch.save(encoder.state_dict(), folder / "encoder.pt")
     metadata = dict(
         accm_version=__version__,
         torch_version=torch.__version__,
@@ -352,7 +360,8 @@ def save_outputs(folder: Path, params, peaks, labels, confidence, embeddings, en
         params={k: v for k, v in params.items() if k != "job_kwargs"},
         loss_curve=[float(x) for x in losses],
         inference_spikes_per_s=float(embed_rate),
+        sampling_frequency=float(sampling_frequency),
     )
-    (folder / "encoder.json").write_text(json.dumps(metadata, indent=1))
+    save_encoder(folder, encoder, metadata)
     (folder / "merges.json").write_text(json.dumps(merge_report, indent=1))
     log(f"outputs written to {folder}")

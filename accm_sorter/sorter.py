@@ -64,14 +64,23 @@ class ACCMSorter(BaseSorter):
                     raise ValueError(
                         "device='cuda' was requested but torch sees no CUDA GPU; use device='cpu' or 'auto'."
                     )
+            return super().set_params_to_folder(recording, output_folder, validated, verbose)
         except (TypeError, ValueError):
             _remove_if_only_initialized(output_folder)
             raise
-        return super().set_params_to_folder(recording, output_folder, validated, verbose)
 
     @classmethod
     def _check_params(cls, recording, output_folder, params):
-        return validate_params(params)
+        params = validate_params(params)
+        if params["pretrained_encoder"] is not None:
+            from .encoder_io import check_encoder_fits, read_metadata, resolve_encoder_path
+
+            path = resolve_encoder_path(params["pretrained_encoder"])
+            fs = recording.sampling_frequency
+            num_samples = int(round(params["ms_before"] * fs / 1000)) + int(round(params["ms_after"] * fs / 1000))
+            num_channels = min(params["num_local_channels"], recording.get_num_channels())
+            check_encoder_fits(read_metadata(path), num_channels, num_samples, str(path))
+        return params
 
     @classmethod
     def _setup_recording(cls, recording, sorter_output_folder, params, verbose):

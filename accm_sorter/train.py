@@ -40,9 +40,13 @@ def train_encoder(
     sampling_frequency: float,
     device: torch.device,
     verbose: bool = False,
-    log=print,
+    initial_encoder: SpikeEncoder | None = None,
 ) -> tuple[SpikeEncoder, list[float]]:
-    """Train an encoder from scratch on this recording's own spikes; return it and the loss curve."""
+    """Train an encoder on this recording's own spikes; return it and the loss curve.
+
+    From scratch by default; from ``initial_encoder`` (a reused encoder) for
+    ``pretrained_train_steps`` steps otherwise.
+    """
     seed = params["seed"]
     torch.manual_seed(seed)
     generator = torch.Generator(device=device)
@@ -53,10 +57,17 @@ def train_encoder(
     num_samples = wide_snippets.shape[2]
     local = wide_snippets[:, :num_channels]
     input_scale = float(np.median(np.abs(local).max(axis=(1, 2)))) or 1.0
-    encoder = SpikeEncoder(num_channels, num_samples, params["embedding_dim"], input_scale).to(device)
-    head = ProjectionHead(params["embedding_dim"], params["projection_dim"]).to(device)
+    if initial_encoder is None:
+        encoder = SpikeEncoder(num_channels, num_samples, params["embedding_dim"], input_scale).to(device)
+        steps = params["train_steps"]
+    else:
+        encoder = initial_encoder.to(device)
+        steps = params["pretrained_train_steps"]
+        if steps == 0:
+            encoder.eval()
+            return encoder, []
+    head = ProjectionHead(encoder.embedding_dim, params["projection_dim"]).to(device)
     optimiser = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=params["learning_rate"])
-    steps = params["train_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     config = AugmentConfig.from_params(params, sampling_frequency)
 
