@@ -19,6 +19,14 @@ from pathlib import Path
 import numpy as np
 
 WELL_DETECTED_ACCURACY = 0.8
+# "sorter:variant" runs a sorter with extra parameters, e.g. tridesclous2:mc
+VARIANTS = {
+    "mc": {"apply_motion_correction": True},
+    "nocar": {"do_CAR": False},
+    "cpu": {"torch_device": "cpu"},
+}
+COLLISION_LAG_MS = 1.0
+COLLISION_DISTANCE_UM = 50.0
 
 WORKER = r"""
 import json, sys, warnings
@@ -48,6 +56,8 @@ class BenchmarkRow:
     median_accuracy: float = float("nan")
     mean_precision: float = float("nan")
     mean_recall: float = float("nan")
+    collision_recall: float = float("nan")
+    isolated_recall: float = float("nan")
     false_positive_units: int = 0
     redundant_units: int = 0
     overmerged_units: int = 0
@@ -59,7 +69,7 @@ class BenchmarkRow:
     def cell(self) -> str:
         if self.status != "ok":
             return self.status
-        return (f"{self.well_detected}/{self.num_gt_units} a{self.mean_accuracy:.2f} "
+        return (f"{self.well_detected}/{self.num_gt_units} a{self.mean_accuracy:.2f} n{self.collision_recall:.2f} "
                 f"{self.wall_s:.0f}s {self.peak_rss_mib / 1024:.1f}G")
 
 
@@ -124,11 +134,57 @@ def score(gt_sorting, sorting, row: BenchmarkRow) -> BenchmarkRow:
     row.false_positive_units = int(comparison.count_false_positive_units())
     row.redundant_units = int(comparison.count_redundant_units())
     row.overmerged_units = int(comparison.count_overmerged_units())
+    row.collision_recall, row.isolated_recall = collision_recalls(gt_sorting, comparison)
     return row
 
 
+def colliding_spikes(gt_sorting, max_lag_ms=COLLISION_LAG_MS, max_distance_um=COLLISION_DISTANCE_UM):
+    """{unit_id: bool array}: does each GT spike have another unit's spike within the lag and distance?"""
+    fs = gt_sorting.sampling_frequency
+    lag = int(round(max_lag_ms * fs / 1000))
+    locations = np.asarray(gt_sorting.get_property("gt_unit_locations"))[:, :2]
+    near = np.linalg.norm(locations[:, None] - locations[None], axis=2) <= max_distance_um
+    out = {}
+    for seg in range(gt_sorting.get_num_segments()):
+        trains = [gt_sorting.get_unit_spike_train(u, segment_index=seg) for u in gt_sorting.unit_ids]
+        for i, unit in enumerate(gt_sorting.unit_ids):
+            flags = np.zeros(trains[i].size, dtype=bool)
+            for j in np.flatnonzero(near[i]):
+                if j == i or trains[j].size == 0:
+                    continue
+                pos = np.searchsorted(trains[j], trains[i])
+                before = np.abs(trains[i] - trains[j][np.clip(pos - 1, 0, trains[j].size - 1)])
+                after = np.abs(trains[j][np.clip(pos, 0, trains[j].size - 1)] - trains[i])
+                flags |= np.minimum(before, after) <= lag
+            out.setdefault(unit, []).append(flags)
+    return {u: np.concatenate(v) for u, v in out.items()}
+
+
+def collision_recalls(gt_sorting, comparison) -> tuple[float, float]:
+    """Recall on GT spikes that collide (another unit within 50 um and 1 ms) and on the others.
+
+    A GT spike counts as recalled when SpikeInterface's matching labels it a true positive of the
+    sorted unit matched to its GT unit.
+    """
+    if "gt_unit_locations" not in gt_sorting.get_property_keys():
+        return float("nan"), float("nan")
+    collide = colliding_spikes(gt_sorting)
+    hits_c = total_c = hits_i = total_i = 0
+    for unit in gt_sorting.unit_ids:
+        labels = np.concatenate([np.asarray(lab) for lab in comparison.get_labels1(unit)])
+        tp = labels == "TP"
+        flags = collide[unit]
+        hits_c, total_c = hits_c + int(tp[flags].sum()), total_c + int(flags.sum())
+        hits_i, total_i = hits_i + int(tp[~flags].sum()), total_i + int((~flags).sum())
+    return (hits_c / total_c if total_c else float("nan")), (hits_i / total_i if total_i else float("nan"))
+
+
+def print_progress(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
 def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.0, sorter_params=None,
-              progress=print) -> list[BenchmarkRow]:
+              progress=print_progress, figures=True) -> list[BenchmarkRow]:
     """Run every sorter on every scenario; write results.json/csv/md in ``output_folder``."""
     import spikeinterface.sorters as ss
 
@@ -143,16 +199,22 @@ def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.
     for scenario in scenarios:
         data_folder = output_folder / "data" / f"{scenario}_{duration:g}s_seed{seed}"
         _, gt = generate_scenario(scenario, duration=duration, seed=seed, folder=data_folder)
-        for sorter in sorters:
-            name, params = sorter, dict(sorter_params.get(sorter, {}))
-            row = BenchmarkRow(scenario=scenario, sorter=name, params=params)
+        for label in sorters:
+            sorter, _, variant = label.partition(":")
+            params = dict(sorter_params.get(sorter, {}))
+            if variant:
+                if variant not in VARIANTS:
+                    raise ValueError(f"Unknown sorter variant ':{variant}'; known: {sorted(VARIANTS)}")
+                params.update(VARIANTS[variant])
+            row = BenchmarkRow(scenario=scenario, sorter=label, params=params)
             if sorter not in installed:
                 row.status = "failed: not installed"
                 rows.append(row)
-                progress(f"[{scenario}] {sorter}: not installed")
+                write_results(rows, output_folder)
+                progress(f"[{scenario}] {label}: not installed")
                 continue
-            progress(f"[{scenario}] {sorter}: running ...")
-            out = output_folder / "runs" / scenario / sorter
+            progress(f"[{scenario}] {label}: running ...")
+            out = output_folder / "runs" / scenario / label.replace(":", "_")
             row.status, row.wall_s, row.cpu_s, peak = run_measured(sorter, data_folder / "recording", out, params,
                                                                    timeout_s)
             row.peak_rss_mib = peak / 2**20
@@ -161,10 +223,89 @@ def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.
                     score(gt, ss.read_sorter_folder(out), row)
                 except Exception as err:  # a sorter that wrote unreadable output
                     row.status = f"failed: {type(err).__name__}: {str(err)[:120]}"
-            progress(f"[{scenario}] {sorter}: {row.cell()} (cpu {row.cpu_s:.0f} s)")
+            progress(f"[{scenario}] {label}: {row.cell()} (cpu {row.cpu_s:.0f} s)")
             rows.append(row)
             write_results(rows, output_folder)
+    if figures:
+        make_figures(rows, output_folder)
     return rows
+
+
+def make_figures(rows, output_folder: Path) -> list[Path]:
+    """PNG figures: accuracy vs SNR per sorter, ordered accuracy curves, time and memory bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import spikeinterface.sorters as ss
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+    from spikeinterface.core import load
+
+    output_folder = Path(output_folder)
+    written = []
+    for scenario in dict.fromkeys(r.scenario for r in rows):
+        ok = [r for r in rows if r.scenario == scenario and r.status == "ok"]
+        if not ok:
+            continue
+        data = next((output_folder / "data").glob(f"{scenario}_*"))
+        gt = load(data / "gt_sorting")
+        snr = ground_truth_snr(load(data / "recording"), gt)
+        fig, (ax_snr, ax_ordered) = plt.subplots(1, 2, figsize=(11, 4))
+        for r in ok:
+            sorting = ss.read_sorter_folder(output_folder / "runs" / scenario / r.sorter.replace(":", "_"))
+            acc = compare_sorter_to_ground_truth(gt, sorting, exhaustive_gt=True).get_performance()["accuracy"]
+            acc = acc.reindex(gt.unit_ids).to_numpy(dtype=float)
+            ax_snr.scatter(snr, acc, label=r.sorter, s=18)
+            ax_ordered.plot(np.sort(acc)[::-1], label=r.sorter)
+        ax_snr.set(xlabel="GT unit SNR (peak / noise)", ylabel="accuracy", title=f"{scenario}: accuracy vs SNR")
+        ax_ordered.set(xlabel="GT units (ordered)", ylabel="accuracy", title=f"{scenario}: ordered accuracy")
+        ax_ordered.axhline(WELL_DETECTED_ACCURACY, color="grey", lw=0.5)
+        ax_snr.legend(fontsize=8)
+        fig.tight_layout()
+        path = output_folder / f"accuracy_{scenario}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    ok = [r for r in rows if r.status == "ok"]
+    if ok:
+        labels = [f"{r.scenario}\n{r.sorter}" for r in ok]
+        fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(6, 0.7 * len(ok)), 6))
+        ax_t.bar(labels, [r.wall_s for r in ok])
+        ax_t.set(ylabel="wall time (s)")
+        ax_m.bar(labels, [r.peak_rss_mib / 1024 for r in ok])
+        ax_m.set(ylabel="peak RSS (GiB)")
+        for ax in (ax_t, ax_m):
+            ax.tick_params(axis="x", labelsize=7, rotation=90)
+        fig.tight_layout()
+        path = output_folder / "time_memory.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def ground_truth_snr(recording, gt_sorting, max_spikes=200, seed=0) -> np.ndarray:
+    """Peak amplitude of each GT unit's mean waveform over the noise level of its best channel."""
+    from spikeinterface.core import get_noise_levels
+
+    fs = recording.sampling_frequency
+    before, after = int(0.001 * fs), int(0.002 * fs)
+    noise = get_noise_levels(recording, return_in_uV=False, random_slices_kwargs=dict(seed=seed))
+    rng = np.random.default_rng(seed)
+    snr = np.zeros(gt_sorting.get_num_units())
+    for k, unit in enumerate(gt_sorting.unit_ids):
+        train = gt_sorting.get_unit_spike_train(unit, segment_index=0)
+        train = train[(train > before) & (train < recording.get_num_samples(0) - after)]
+        if train.size == 0:
+            continue
+        train = rng.choice(train, min(max_spikes, train.size), replace=False)
+        waves = np.stack([recording.get_traces(start_frame=t - before, end_frame=t + after) for t in train])
+        mean = waves.astype("float64").mean(axis=0)
+        mean -= np.median(mean, axis=0)
+        peak = np.abs(mean).max(axis=0)
+        best = int(np.argmax(peak / noise))
+        snr[k] = peak[best] / noise[best]
+    return snr
 
 
 def write_results(rows, output_folder: Path):
@@ -183,11 +324,12 @@ def markdown_table(rows) -> str:
     lines = ["| scenario | " + " | ".join(sorters) + " |", "|---|" + "---|" * len(sorters)]
     for s in scenarios:
         lines.append(f"| {s} | " + " | ".join(cells.get((s, so), "–") for so in sorters) + " |")
-    return "\n".join(lines) + "\n\nCell = well-detected (accuracy >= 0.8) / GT units, a = mean accuracy, wall time, " \
-                              "peak RSS of the sorter's process tree.\n"
+    return "\n".join(lines) + "\n\nCell = well-detected (accuracy >= 0.8) / GT units, a = mean accuracy, n = recall on GT " \
+                              "spikes that collide with another unit within 50 um and 1 ms, wall time, peak RSS of " \
+                              "the sorter's process tree.\n"
 
 
-def encoder_throughput(sorter_output_folder: Path, num_spikes: int = 200_000, batch_size: int = 8192,
+def encoder_throughput(sorter_output_folder: Path, num_spikes: int = 200_000, batch_size: int = 1024,
                        device: str = "cpu") -> float:
     """Spikes per second through a trained accm encoder (inference only)."""
     import torch
@@ -212,7 +354,7 @@ def main_benchmark(args) -> int:
     sorters = [s for s in args.sorters.split(",") if s]
     n_jobs = os.cpu_count() or 1
     rows = benchmark(scenarios, sorters, args.duration, args.seed, args.output, timeout_s=args.timeout,
-                     sorter_params={s: {"job_kwargs": {"n_jobs": n_jobs}} for s in ("accm",)})
+                     sorter_params={"accm": {"job_kwargs": {"n_jobs": n_jobs}}})
     print()
     print(markdown_table(rows))
     return 0

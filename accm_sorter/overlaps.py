@@ -86,3 +86,44 @@ def resolve_overlaps(snippets, templates, labels, confidence, main_channels, cha
     labels[spikes[better]] = new_labels[better]
     confidence[spikes[better]] = new_confidence[better]
     return labels, confidence, report
+
+
+def residual_recording(recording, templates, nbefore, peaks, labels, scales):
+    """``recording`` minus every assigned spike's scaled unit template (lazy, chunked).
+
+    Built from SpikeInterface's ``InjectTemplatesRecording`` with negative amplitude factors:
+    the same machinery that generates ground truth, run backwards.
+    """
+    from spikeinterface.core import NumpySorting
+    from spikeinterface.core.base import minimum_spike_dtype
+    from spikeinterface.core.generate import InjectTemplatesRecording
+
+    assigned = np.flatnonzero(labels >= 0)
+    spikes = np.zeros(assigned.size, dtype=minimum_spike_dtype)
+    spikes["sample_index"] = peaks["sample_index"][assigned]
+    spikes["unit_index"] = labels[assigned]
+    spikes["segment_index"] = peaks["segment_index"][assigned]
+    order = np.lexsort((spikes["unit_index"], spikes["sample_index"], spikes["segment_index"]))
+    sorting = NumpySorting(spikes[order], recording.sampling_frequency, np.arange(templates.shape[0]))
+    dense = np.ascontiguousarray(np.transpose(templates, (0, 2, 1))).astype("float32")  # (units, T, channels)
+    return InjectTemplatesRecording(sorting, dense, nbefore=nbefore, amplitude_factor=-scales[assigned][order],
+                                    parent_recording=recording)
+
+
+def refractory_repeats(new_samples, new_labels, old_samples, old_labels, window: int) -> np.ndarray:
+    """True where a recovered spike's unit already fired within ``window`` samples.
+
+    A neuron cannot fire twice that fast, so such a spike is what was left of an existing spike
+    after subtracting its template, not a spike that another one had masked.
+    """
+    repeat = np.zeros(new_samples.size, dtype=bool)
+    for unit in np.unique(new_labels[new_labels >= 0]):
+        old = np.sort(old_samples[old_labels == unit])
+        mine = np.flatnonzero(new_labels == unit)
+        if old.size == 0:
+            continue
+        pos = np.searchsorted(old, new_samples[mine])
+        before = np.abs(new_samples[mine] - old[np.clip(pos - 1, 0, old.size - 1)])
+        after = np.abs(old[np.clip(pos, 0, old.size - 1)] - new_samples[mine])
+        repeat[mine] = np.minimum(before, after) <= window
+    return repeat

@@ -21,7 +21,7 @@ from .cluster import cluster_features, fit_feature_scaling
 from .curation import remove_duplicate_spikes, remove_rare_units
 from .detect import detect_spikes, estimate_noise_levels
 from .encoder_io import save_encoder
-from .overlaps import resolve_overlaps
+from .overlaps import refractory_repeats, residual_recording, resolve_overlaps, template_amplitude_scale
 from .pairwise import assign_spikes, build_prototypes, group_templates, merge_clusters, train_spike_classifier
 from .preprocess import cache_recording, preprocess_recording
 from .snippets import (
@@ -258,12 +258,15 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                                          [np.flatnonzero(labels == u) for u in range(num_merged)], num_channels,
                                          seed=seed)
 
-        def reassign(index, residuals):
-            locs = estimate_locations(residuals, table, peaks[index], channel_locations, nbefore)
+        def reassign_peaks(which_peaks, residuals):
+            locs = estimate_locations(residuals, table, which_peaks, channel_locations, nbefore)
             feats = scaling.transform(embed(encoder, residuals, device), locs)
             amps = peak_amplitude(residuals, nbefore, params["peak_sign"])
             new, conf = assign_spikes(classifier, feats, amps, protos, params["assign_threshold"], device)
             return np.where(new >= 0, cluster_to_unit[np.clip(new, 0, None)], -1), conf
+
+        def reassign(index, residuals):
+            return reassign_peaks(peaks[index], residuals)
 
         labels, confidence, overlap_report = resolve_overlaps(
             snippets, unit_templates, labels, confidence, peaks["channel_index"], table, global_samples,
@@ -273,6 +276,28 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         )
         log(f"overlaps: {overlap_report['overlapping_spikes']} overlapping spikes peeled, "
             f"{overlap_report['reassigned']} re-assigned, {overlap_report['recovered']} recovered from noise")
+
+        # spikes that detection never saw because a bigger one masked them: detect on the residual
+        scales = np.ones(peaks.size, dtype="float32")
+        assigned = np.flatnonzero(labels >= 0)
+        scales[assigned] = template_amplitude_scale(snippets, unit_templates, labels, peaks["channel_index"],
+                                                    table, assigned)
+        residual = residual_recording(preprocessed, unit_templates, nbefore, peaks, labels, scales)
+        new_peaks = detect_spikes(residual, noise_levels, params, job_kwargs)
+        new_snippets = extract_snippets(residual, new_peaks, table, nbefore, nafter, job_kwargs)
+        new_labels, new_confidence = reassign_peaks(new_peaks, new_snippets)
+        new_global, _ = global_sample_index(new_peaks, recording)
+        repeat = refractory_repeats(new_global, new_labels, global_samples, labels,
+                                    int(round(params["overlap_max_lag_ms"] * sampling_frequency / 1000)))
+        keep = (new_labels >= 0) & ~repeat & (new_confidence >= params["masked_spike_threshold"])
+        overlap_report["masked_recovered"] = int(keep.sum())
+        log(f"residual detection: {new_peaks.size} peaks, {int(keep.sum())} kept as masked spikes")
+        peaks = np.concatenate([peaks, new_peaks[keep]])
+        labels = np.concatenate([labels, new_labels[keep]])
+        confidence = np.concatenate([confidence, new_confidence[keep]])
+        snippets = np.concatenate([snippets, new_snippets[keep]])
+        embeddings = np.concatenate([embeddings, embed(encoder, new_snippets[keep], device)])
+        global_samples, _ = global_sample_index(peaks, recording)
         merge_report["overlaps"] = overlap_report
 
     timer.start("curate")

@@ -11,6 +11,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import spikeinterface.preprocessing as spre
 from spikeinterface.core import generate_ground_truth_recording, load
 
@@ -37,6 +38,9 @@ SCENARIOS = {
                                          distribution="multimodal", num_modes=1)),
     "low-snr": dict(probe=PROBE32, num_units=25, firing_rates=(2.0, 15.0), noise=15.0,
                     locations=dict(margin_um=10.0, minimum_z=5.0, maximum_z=50.0, minimum_distance=20.0)),
+    # rigid zigzag +-20 um with a 60 s period from t = 15 s, spatially correlated noise 6-8 uV
+    "drift": dict(probe=PROBE32, num_units=25, firing_rates=(2.0, 15.0), drifting=True,
+                  locations=dict(margin_um=10.0, minimum_z=5.0, maximum_z=50.0, minimum_distance=20.0)),
 }
 
 
@@ -75,6 +79,8 @@ def generate_scenario(name: str = "probe32", duration: float = 120.0, seed: int 
 
 def _generate(name, duration, seed, num_units):
     spec = SCENARIOS[name]
+    if spec.get("drifting"):
+        return _generate_drifting(spec, duration, seed, num_units)
     recording, sorting = generate_ground_truth_recording(
         durations=[duration],
         sampling_frequency=30000.0,
@@ -87,5 +93,32 @@ def _generate(name, duration, seed, num_units):
         upsample_factor=4,
         seed=seed,
     )
+    recording.annotate(is_filtered=False)
+    return recording, sorting
+
+
+def _generate_drifting(spec, duration, seed, num_units):
+    from probeinterface import generate_multi_columns_probe
+    from spikeinterface.generation import generate_drifting_recording
+
+    probe = generate_multi_columns_probe(**spec["probe"])
+    probe.set_device_channel_indices(list(range(probe.get_contact_count())))
+    _, recording, sorting, extra = generate_drifting_recording(
+        num_units=num_units or spec["num_units"],
+        duration=duration,
+        sampling_frequency=30000.0,
+        probe=probe,
+        generate_unit_locations_kwargs=dict(spec["locations"], max_iteration=100, distance_strict=False),
+        generate_displacement_vector_kwargs=dict(
+            displacement_sampling_frequency=5.0, drift_start_um=[0, 20], drift_stop_um=[0, -20], drift_step_um=1,
+            motion_list=[dict(drift_mode="zigzag", non_rigid_gradient=None, t_start_drift=min(15.0, duration / 4),
+                              t_end_drift=None, period_s=60.0)],
+        ),
+        generate_sorting_kwargs=dict(firing_rates=spec["firing_rates"], refractory_period_ms=4.0),
+        generate_noise_kwargs=dict(noise_levels=(6.0, 8.0), spatial_decay=25.0),
+        extra_outputs=True,
+        seed=seed,
+    )
+    sorting.set_property("gt_unit_locations", np.asarray(extra["unit_locations"]))
     recording.annotate(is_filtered=False)
     return recording, sorting
