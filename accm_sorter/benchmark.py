@@ -195,7 +195,16 @@ def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.
     output_folder.mkdir(parents=True, exist_ok=True)
     sorter_params = sorter_params or {}
     installed = set(ss.installed_sorters())
+    # rows from earlier invocations in the same folder are kept (a re-run replaces its own rows), so
+    # sorters can be added to a benchmark one at a time
+    previous = load_results(output_folder)
     rows = []
+
+    def record(row):
+        rows.append(row)
+        replaced = {(r.scenario, r.sorter) for r in rows}
+        write_results([r for r in previous if (r.scenario, r.sorter) not in replaced] + rows, output_folder)
+
     for scenario in scenarios:
         data_folder = output_folder / "data" / f"{scenario}_{duration:g}s_seed{seed}"
         _, gt = generate_scenario(scenario, duration=duration, seed=seed, folder=data_folder)
@@ -209,8 +218,7 @@ def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.
             row = BenchmarkRow(scenario=scenario, sorter=label, params=params)
             if sorter not in installed:
                 row.status = "failed: not installed"
-                rows.append(row)
-                write_results(rows, output_folder)
+                record(row)
                 progress(f"[{scenario}] {label}: not installed")
                 continue
             progress(f"[{scenario}] {label}: running ...")
@@ -224,11 +232,18 @@ def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.
                 except Exception as err:  # a sorter that wrote unreadable output
                     row.status = f"failed: {type(err).__name__}: {str(err)[:120]}"
             progress(f"[{scenario}] {label}: {row.cell()} (cpu {row.cpu_s:.0f} s)")
-            rows.append(row)
-            write_results(rows, output_folder)
+            record(row)
+    all_rows = load_results(output_folder)
     if figures:
-        make_figures(rows, output_folder)
-    return rows
+        make_figures(all_rows, output_folder)
+    return all_rows
+
+
+def load_results(output_folder: Path) -> list[BenchmarkRow]:
+    path = Path(output_folder) / "results.json"
+    if not path.exists():
+        return []
+    return [BenchmarkRow(**record) for record in json.loads(path.read_text())]
 
 
 def make_figures(rows, output_folder: Path) -> list[Path]:

@@ -121,6 +121,15 @@ PARAMETERS: tuple[Parameter, ...] = (
               "Global median reference: 'auto' applies it with 8 or more channels (on fewer channels it would "
               "subtract the spikes themselves).", choices=("auto", "median", "none")),
     Parameter("whiten", True, bool, "preprocess", "Local whitening (radius 100 um) after filtering."),
+    Parameter("motion_correction", "auto", str, "preprocess",
+              "Estimate probe motion with spikeinterface's correct_motion and interpolate the traces to undo it. "
+              "'auto' turns it on for probes at least motion_min_extent_um deep with 16 or more channels (on a "
+              "tetrode there is no depth axis to estimate motion along).", choices=("auto", "on", "off")),
+    Parameter("motion_preset", "dredge_fast", str, "preprocess", "correct_motion preset used for the estimation.",
+              choices=("dredge_fast", "dredge", "rigid_fast", "nonrigid_fast_and_accurate", "kilosort_like")),
+    Parameter("motion_min_extent_um", 200.0, float, "preprocess",
+              "Smallest probe depth extent for which motion_correction='auto' turns motion correction on.",
+              low=0.0, high=100000.0),
     Parameter("cache_preprocessing", "auto", str, "preprocess",
               "Where to keep the preprocessed traces: 'memory', 'folder' (sorter_output/, memory-mapped), "
               "'none' (recompute on each pass) or 'auto' (memory if it fits in half the free RAM, else folder).",

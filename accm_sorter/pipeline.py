@@ -155,7 +155,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         f"job_kwargs {job_kwargs}")
 
     timer.start("preprocess")
-    preprocessed = preprocess_recording(recording, params)
+    preprocessed = preprocess_recording(recording, params, sorter_output_folder / "motion", job_kwargs)
     preprocessed, cache_info = cache_recording(
         preprocessed, params["cache_preprocessing"], sorter_output_folder / "preprocessed", job_kwargs
     )

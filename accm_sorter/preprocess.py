@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import spikeinterface.preprocessing as spre
 
 MIN_CHANNELS_FOR_COMMON_REFERENCE = 8
 
 
-def preprocess_recording(recording, params: dict):
-    """Return a lazy float32 preprocessed recording."""
+def preprocess_recording(recording, params: dict, motion_folder: Path | None = None, job_kwargs: dict | None = None):
+    """Return a lazy float32 preprocessed (and, when asked, motion-corrected) recording."""
     if not params["apply_preprocessing"]:
         # Already preprocessed: only bring it to noise units so the threshold means the same thing.
         return spre.zscore(recording, mode="median+mad", dtype="float32")
@@ -29,11 +30,36 @@ def preprocess_recording(recording, params: dict):
     )
     if use_reference:
         rec = spre.common_reference(rec, reference="global", operator="median")
+    motion = None
+    if wants_motion_correction(recording, params):
+        motion = estimate_motion(rec, params, motion_folder, job_kwargs or {})
     if params["whiten"]:
         rec = spre.whiten(rec, dtype="float32", mode="local", radius_um=100.0, seed=params["seed"])
     else:
         rec = spre.zscore(rec, mode="median+mad", dtype="float32")
+    if motion is not None:
+        from spikeinterface.sortingcomponents.motion import InterpolateMotionRecording
+
+        # interpolate after whitening, as tridesclous2 does: kriging then mixes unit-variance channels
+        rec = InterpolateMotionRecording(rec, motion, border_mode="force_extrapolate",
+                                         spatial_interpolation_method="kriging", sigma_um=20.0, p=2)
     return rec
+
+
+def wants_motion_correction(recording, params: dict) -> bool:
+    if params["motion_correction"] != "auto":
+        return params["motion_correction"] == "on"
+    depth = recording.get_channel_locations()[:, 1]
+    return recording.get_num_channels() >= 16 and float(np.ptp(depth)) >= params["motion_min_extent_um"]
+
+
+def estimate_motion(recording, params: dict, folder: Path | None, job_kwargs: dict):
+    """Motion of the probe over time (spikeinterface.preprocessing.correct_motion's estimate)."""
+    _, motion_info = spre.correct_motion(
+        recording, preset=params["motion_preset"], folder=folder, output_motion_info=True, overwrite=True,
+        **job_kwargs,
+    )
+    return motion_info["motion"]
 
 
 def cache_recording(recording, mode: str, folder: Path, job_kwargs: dict):
