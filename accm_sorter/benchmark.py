@@ -114,9 +114,22 @@ def run_measured(sorter: str, recording_folder: Path, output_folder: Path, param
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if status == "ok" and proc.returncode != 0:
-        tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
-        status = f"failed: {tail[0][:160]}"
+        status = f"failed: {failure_reason(output_folder, log_path)}"
     return status, wall, cpu, peak
+
+
+def failure_reason(output_folder: Path, log_path: Path) -> str:
+    """The root cause of a failed run: the last line of the sorter's own error trace if it left one."""
+    si_log = Path(output_folder) / "spikeinterface_log.json"
+    lines = []
+    if si_log.exists():
+        try:
+            lines = [line.strip() for line in json.loads(si_log.read_text()).get("error_trace", []) if line.strip()]
+        except (json.JSONDecodeError, AttributeError):
+            lines = []
+    if not lines:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    return (lines[-1] if lines else "no output")[:200].replace("|", "/")
 
 
 def score(gt_sorting, sorting, row: BenchmarkRow) -> BenchmarkRow:

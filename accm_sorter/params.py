@@ -189,6 +189,13 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("pretrained_train_steps", 60, int, "train",
               "Contrastive fine-tuning steps on this recording when starting from pretrained_encoder "
               "(0 uses it as it is).", low=0, high=1_000_000),
+    Parameter("labels", None, str, "train",
+              "Curated labels: the path of a partial sorting of this recording (SpikeInterface sorting folder, or "
+              "a phy folder; noise clusters are ignored). Its spikes train the encoder with a supervised "
+              "contrastive term and the pairwise classifier with true pairs; its units come out with all their "
+              "labelled spikes.", nullable=True),
+    Parameter("labels_weight", 1.0, float, "train",
+              "Weight of the supervised contrastive term on labelled spikes relative to NT-Xent.", low=0.0, high=100.0),
     Parameter("min_spikes", 50, int, "train",
               "Fewest detected spikes needed to train; fewer gives an empty sorting with a warning.",
               low=2, high=1_000_000),

@@ -104,11 +104,13 @@ def build_sorting(peaks, labels, sampling_frequency, num_units, num_segments):
     return NumpySorting.from_unit_dict(per_segment, sampling_frequency)
 
 
-def write_sorting(sorting, sorter_output_folder: Path, main_channel_ids, confidence_by_unit):
+def write_sorting(sorting, sorter_output_folder: Path, main_channel_ids, confidence_by_unit, curated_ids=None):
     """Save the sorting last and atomically: a folder named 'sorting' is always complete."""
     if len(main_channel_ids):
         sorting.set_property("main_channel_id", np.asarray(main_channel_ids))
         sorting.set_property("accm_mean_confidence", np.asarray(confidence_by_unit, dtype="float64"))
+        if curated_ids is not None and any(curated_ids):
+            sorting.set_property("accm_curated_unit_id", np.asarray(curated_ids))
     tmp = sorter_output_folder / "sorting.partial"
     final = sorter_output_folder / "sorting"
     for path in (tmp, final):
@@ -170,6 +172,18 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                             f"only {peaks.size} spikes crossed detect_threshold={params['detect_threshold']} "
                             f"(min_spikes={params['min_spikes']}); lower detect_threshold if you expect more.", log)
 
+    peak_units = np.full(peaks.size, -1, dtype="int64")  # curated unit of each peak, -1 = unlabelled
+    label_data = None
+    if params["labels"] is not None:
+        from .labels import attach_labels, check_labels, load_label_sorting
+
+        label_data = check_labels(load_label_sorting(params["labels"]), recording)
+        peaks, peak_units = attach_labels(peaks, label_data, sampling_frequency)
+        log(f"labels: {label_data.unit_ids.size} curated units, {label_data.sample_index.size} labelled spikes, "
+            f"{int((peak_units >= 0).sum())} peaks labelled")
+    labelled = np.flatnonzero(peak_units >= 0)
+    num_labelled_units = 0 if label_data is None else int(label_data.unit_ids.size)
+
     timer.start("snippets")
     nbefore = int(round(params["ms_before"] * sampling_frequency / 1000))
     nafter = int(round(params["ms_after"] * sampling_frequency / 1000))
@@ -180,6 +194,8 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     noise_entries = spike_free_times(peaks, preprocessed, nbefore, nafter, NUM_NOISE_SNIPPETS, rng)
     noise_snippets = extract_snippets(preprocessed, noise_entries, table, nbefore, nafter, job_kwargs)
     train_index = np.sort(rng.choice(peaks.size, min(peaks.size, params["train_max_spikes"]), replace=False))
+    if labelled.size:
+        train_index = np.union1d(train_index, labelled)
     wide_snippets = extract_snippets(preprocessed, peaks[train_index], wide_table, nbefore, nafter, job_kwargs)
     remap = recentre_table(wide_table, table, SPATIAL_JITTER_CENTRES)
     log(f"snippets {snippets.shape}, {noise_snippets.shape[0]} noise snippets, {train_index.size} training spikes")
@@ -197,9 +213,10 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     encoder, losses = train_encoder(
         wide_snippets, peaks["channel_index"][train_index], remap, noise_snippets, params, sampling_frequency,
         device, verbose=verbose, initial_encoder=initial_encoder,
+        spike_labels=peak_units[train_index] if labelled.size else None,
     )
     if losses:
-        log(f"NT-Xent loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f} over {len(losses)} steps")
+        log(f"contrastive loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f} over {len(losses)} steps")
 
     timer.start("embed")
     t_embed = time.perf_counter()
@@ -210,11 +227,22 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     timer.start("cluster")
     scaling = fit_feature_scaling(embeddings, params["location_scale_um"])
     features = scaling.transform(embeddings, locations)
-    cluster_index = np.sort(rng.choice(peaks.size, min(peaks.size, params["cluster_max_spikes"]), replace=False))
+    unlabelled = np.flatnonzero(peak_units < 0)
+    cluster_index = np.sort(rng.choice(unlabelled, min(unlabelled.size, params["cluster_max_spikes"]), replace=False))
     sub_labels, sub_probs = cluster_features(features[cluster_index], params["min_cluster_size"],
                                              int(job_kwargs["n_jobs"]))
     num_clusters = int(sub_labels.max()) + 1
     log(f"HDBSCAN: {num_clusters} clusters, {np.mean(sub_labels < 0):.1%} of clustered spikes left as noise")
+    if labelled.size:
+        from .labels import combine_clusters_with_labels
+
+        sub_labels, num_clusters = combine_clusters_with_labels(
+            sub_labels, features[cluster_index], features[labelled], peak_units[labelled], num_labelled_units)
+        # the labelled spikes join the clustered ones as certain members of their units
+        cluster_index = np.concatenate([cluster_index, labelled])
+        sub_labels = np.concatenate([sub_labels, peak_units[labelled]])
+        sub_probs = np.concatenate([sub_probs, np.ones(labelled.size)])
+        log(f"with labels: {num_clusters} clusters, the first {num_labelled_units} curated")
     if num_clusters == 0:
         timer.finish()
         return empty_result(recording, sorter_output_folder,
@@ -222,6 +250,8 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
 
     timer.start("pairwise")
     amplitudes = peaks["amplitude"].astype("float32")
+    undetected = amplitudes == 0  # labelled spikes the detector missed carry no amplitude yet
+    amplitudes[undetected] = peak_amplitude(snippets[undetected], nbefore, params["peak_sign"])
     protos = build_prototypes(features[cluster_index], amplitudes[cluster_index], sub_labels, sub_probs, num_clusters)
     aug_feats, aug_amps, aug_labels = augmented_positives(
         encoder, snippets, peaks, table, channel_locations, nbefore, noise_snippets, scaling,
@@ -241,7 +271,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     labels, merge_report = merge_clusters(
         labels, snippets, peaks["channel_index"], table, features, amplitudes, global_samples, num_channels,
         params["embedding_dim"], total_samples, sampling_frequency, params["merge_threshold"],
-        params["min_cluster_size"], seed, log=log,
+        params["min_cluster_size"], seed, log=log, num_protected=num_labelled_units,
     )
     log(f"pairwise merges: {merge_report['num_clusters_before']} -> "
         f"{merge_report.get('num_clusters_after', merge_report['num_clusters_before'])} clusters")
@@ -249,8 +279,6 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     if params["resolve_overlaps"]:
         timer.start("overlaps")
         from spikeinterface.core import get_channel_distances
-
-        from .train import embed
 
         cluster_to_unit = np.asarray(merge_report["cluster_map"], dtype="int64")
         num_merged = int(labels.max()) + 1 if labels.max() >= 0 else 0
@@ -286,6 +314,8 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         new_peaks = detect_spikes(residual, noise_levels, params, job_kwargs)
         new_snippets = extract_snippets(residual, new_peaks, table, nbefore, nafter, job_kwargs)
         new_labels, new_confidence = reassign_peaks(new_peaks, new_snippets)
+        if params["masked_spike_threshold"] >= 1.0:
+            new_labels[:] = -1  # recovery switched off
         new_global, _ = global_sample_index(new_peaks, recording)
         repeat = refractory_repeats(new_global, new_labels, global_samples, labels,
                                     int(round(params["overlap_max_lag_ms"] * sampling_frequency / 1000)))
@@ -300,6 +330,11 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         global_samples, _ = global_sample_index(peaks, recording)
         merge_report["overlaps"] = overlap_report
 
+    if labelled.size:
+        cluster_to_unit = np.asarray(merge_report["cluster_map"], dtype="int64")
+        labels[labelled] = cluster_to_unit[peak_units[labelled]]
+        confidence[labelled] = 1.0
+
     timer.start("curate")
     censor = max(1, int(round(2 * params["exclude_sweep_ms"] * sampling_frequency / 1000)))
     labels = remove_duplicate_spikes(labels, global_samples, confidence, censor)
@@ -313,13 +348,19 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     main_channels = np.abs(templates).max(axis=2).argmax(axis=1)
     main_channel_ids = recording.channel_ids[main_channels]
     confidence_by_unit = [float(confidence[idx].mean()) for idx in units]
+    curated_ids = [""] * num_units
+    if labelled.size:
+        for k, unit_id in enumerate(label_data.unit_ids):
+            for u in np.unique(labels[labelled[peak_units[labelled] == k]]):
+                if u >= 0:
+                    curated_ids[u] = str(unit_id)
     log(f"{num_units} units, {int((labels >= 0).sum())} spikes")
 
     timer.start("save")
     sorting = build_sorting(peaks, labels, sampling_frequency, num_units, recording.get_num_segments())
     save_outputs(sorter_output_folder, params, peaks, labels, confidence, embeddings, encoder, losses,
                  merge_report, noise_levels, embed_rate, channel_locations, table, sampling_frequency, log)
-    write_sorting(sorting, sorter_output_folder, main_channel_ids, confidence_by_unit)
+    write_sorting(sorting, sorter_output_folder, main_channel_ids, confidence_by_unit, curated_ids)
     timings = timer.finish()
     (sorter_output_folder / "timings.json").write_text(json.dumps(timings, indent=2))
     del preprocessed

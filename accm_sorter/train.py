@@ -31,6 +31,20 @@ def spatial_jitter_candidates(wide_snippets: np.ndarray, num_centres: int, ratio
     return eligible
 
 
+def supervised_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor,
+                                temperature: float) -> torch.Tensor:
+    """SupCon (Khosla et al. 2020): every other view with the same label is a positive."""
+    z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)
+    labels = torch.cat([labels, labels])
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    log_prob = log_prob.masked_fill(self_mask, 0.0)
+    return (-(log_prob * positives).sum(dim=1) / positives.sum(dim=1).clamp(min=1)).mean()
+
+
 def train_encoder(
     wide_snippets: np.ndarray,
     main_channels: np.ndarray,
@@ -41,11 +55,13 @@ def train_encoder(
     device: torch.device,
     verbose: bool = False,
     initial_encoder: SpikeEncoder | None = None,
+    spike_labels: np.ndarray | None = None,
 ) -> tuple[SpikeEncoder, list[float]]:
     """Train an encoder on this recording's own spikes; return it and the loss curve.
 
     From scratch by default; from ``initial_encoder`` (a reused encoder) for
-    ``pretrained_train_steps`` steps otherwise.
+    ``pretrained_train_steps`` steps otherwise. With ``spike_labels`` (unit index per training
+    spike, -1 when unlabelled) a supervised contrastive term on the labelled spikes is added.
     """
     seed = params["seed"]
     torch.manual_seed(seed)
@@ -79,6 +95,9 @@ def train_encoder(
     mains = torch.as_tensor(main_channels, device=device)
     noise = torch.as_tensor(noise_snippets, device=device)
     batch_size = min(params["batch_size"], num_spikes)
+    labelled = np.flatnonzero(spike_labels >= 0) if spike_labels is not None else np.zeros(0, "int64")
+    labelled_index = torch.as_tensor(labelled, device=device)
+    labelled_units = torch.as_tensor(spike_labels[labelled] if labelled.size else labelled, device=device)
     losses = []
     encoder.train()
     head.train()
@@ -88,6 +107,15 @@ def train_encoder(
         view1 = augment(recentre(batch_wide, batch_remap, batch_eligible, generator), noise, spikes, config, generator)
         view2 = augment(recentre(batch_wide, batch_remap, batch_eligible, generator), noise, spikes, config, generator)
         loss = nt_xent_loss(head(encoder(view1)), head(encoder(view2)), params["temperature"])
+        if labelled.size >= 2:
+            which = torch.randint(0, labelled.size, (min(batch_size, labelled.size),), generator=generator,
+                                  device=device)
+            pick = labelled_index[which]
+            batch_wide, batch_remap, batch_eligible = wide[pick], remap[mains[pick]], eligible[pick]
+            v1 = augment(recentre(batch_wide, batch_remap, batch_eligible, generator), noise, spikes, config, generator)
+            v2 = augment(recentre(batch_wide, batch_remap, batch_eligible, generator), noise, spikes, config, generator)
+            loss = loss + params["labels_weight"] * supervised_contrastive_loss(
+                head(encoder(v1)), head(encoder(v2)), labelled_units[which], params["temperature"])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
