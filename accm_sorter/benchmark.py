@@ -8,7 +8,6 @@ tree. Scores come from ``spikeinterface.comparison.compare_sorter_to_ground_trut
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -380,9 +379,7 @@ def encoder_throughput(sorter_output_folder: Path, num_spikes: int = 200_000, ba
 def main_benchmark(args) -> int:
     scenarios = [s for s in args.scenarios.split(",") if s]
     sorters = [s for s in args.sorters.split(",") if s]
-    n_jobs = os.cpu_count() or 1
-    rows = benchmark(scenarios, sorters, args.duration, args.seed, args.output, timeout_s=args.timeout,
-                     sorter_params={"accm": {"job_kwargs": {"n_jobs": n_jobs}}})
+    rows = benchmark(scenarios, sorters, args.duration, args.seed, args.output, timeout_s=args.timeout)
     print()
     print(markdown_table(rows))
     return 0

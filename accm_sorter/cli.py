@@ -99,6 +99,10 @@ def cmd_sort(args) -> int:
 
     recording = load_recording(args.recording)
     params = dict(args.param or [])
+    if args.labels:
+        params["labels"] = str(Path(args.labels).resolve())
+    if args.encoder:
+        params["pretrained_encoder"] = str(Path(args.encoder).resolve())
     sorting = ss.run_sorter("accm", recording, folder=args.folder, remove_existing_folder=args.overwrite,
                             verbose=args.verbose, **params)
     print(f"accm: {sorting.get_num_units()} units, {sorting.to_spike_vector().size} spikes; "
@@ -142,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     sort.add_argument("recording", help="saved SpikeInterface folder/JSON, .nwb file, SpikeGLX or Open Ephys folder")
     sort.add_argument("--folder", default="accm_output")
     sort.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    sort.add_argument("--labels", help="curated partial sorting of this recording (sorting folder or phy folder)")
+    sort.add_argument("--encoder", help="start from a previous run's encoder (its folder or encoder.pt)")
     sort.add_argument("--param", action="append", type=parse_param, metavar="NAME=VALUE")
     sort.add_argument("--verbose", action="store_true")
     sort.set_defaults(func=cmd_sort)

@@ -98,8 +98,9 @@ def check_labels(sorting, recording) -> Labels:
 def attach_labels(peaks, labels: Labels, sampling_frequency: float):
     """Label each detected peak (-1 = unlabelled); add peaks for labelled spikes detection missed.
 
-    A labelled spike matches the nearest detected peak within 0.4 ms. Spikes the detector missed
-    are added on their unit's most common main channel, so that labelled units come out intact.
+    A labelled spike matches the nearest detected peak within 0.4 ms, which then takes the
+    labelled spike's time. Spikes the detector missed are added on their unit's most common main
+    channel, so that labelled units come out intact.
     Returns (peaks, peak_unit_index).
     """
     tolerance = int(round(MATCH_TOLERANCE_MS * sampling_frequency / 1000))
@@ -118,6 +119,8 @@ def attach_labels(peaks, labels: Labels, sampling_frequency: float):
                         left, right)
         close = np.abs(times[pick] - labels.sample_index[mine]) <= tolerance
         peak_labels[in_seg[pick[close]]] = labels.unit_index[mine[close]]
+        # the curator's spike time wins over the detector's
+        peaks["sample_index"][in_seg[pick[close]]] = labels.sample_index[mine[close]]
         matched[mine[close]] = True
     missing = np.flatnonzero(~matched)
     if missing.size:
@@ -130,9 +133,8 @@ def attach_labels(peaks, labels: Labels, sampling_frequency: float):
             extra["channel_index"][labels.unit_index[missing] == k] = main
         peaks = np.concatenate([peaks, extra])
         peak_labels = np.concatenate([peak_labels, labels.unit_index[missing]])
-        order = np.lexsort((peaks["sample_index"], peaks["segment_index"]))
-        peaks, peak_labels = peaks[order], peak_labels[order]
-    return peaks, peak_labels
+    order = np.lexsort((peaks["sample_index"], peaks["segment_index"]))
+    return peaks[order], peak_labels[order]
 
 
 def combine_clusters_with_labels(cluster_labels, cluster_features, labelled_features, labelled_units,

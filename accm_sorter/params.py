@@ -105,8 +105,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               "Seed for every random choice (spike subsampling, augmentations, network initialisation). "
               "The same seed and input give the same spike trains on CPU.", low=0, high=2**32 - 1),
     Parameter("job_kwargs", {}, dict, "general",
-              "SpikeInterface job kwargs for the chunked stages (n_jobs, chunk_duration, progress_bar, ...). "
-              "n_jobs also sets torch's CPU thread count."),
+              "SpikeInterface job kwargs for the chunked stages (n_jobs, chunk_duration, pool_engine, ...). By default "
+              "they run in-process (n_jobs=1: lowest memory, fastest on a laptop) and torch uses every core; an "
+              "explicit n_jobs also sets torch's thread count. n_jobs > 1 pays off on long many-channel recordings."),
     Parameter("save_embeddings", True, bool, "general",
               "Save per-spike embeddings (float16) and confidences in sorter_output/."),
     # --- preprocess ----------------------------------------------------------------------

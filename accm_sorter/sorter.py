@@ -80,6 +80,10 @@ class ACCMSorter(BaseSorter):
             num_samples = int(round(params["ms_before"] * fs / 1000)) + int(round(params["ms_after"] * fs / 1000))
             num_channels = min(params["num_local_channels"], recording.get_num_channels())
             check_encoder_fits(read_metadata(path), num_channels, num_samples, str(path))
+        if params["labels"] is not None:
+            from .labels import check_labels, load_label_sorting
+
+            check_labels(load_label_sorting(params["labels"]), recording)
         return params
 
     @classmethod

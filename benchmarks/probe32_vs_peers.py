@@ -21,8 +21,7 @@ parser.add_argument("--duration", type=float, default=120.0)
 parser.add_argument("--seed", type=int, default=2002)
 args = parser.parse_args()
 
-rows = benchmark(["probe32"], ["accm", "tridesclous2", "spykingcircus2"], args.duration, args.seed, args.output,
-                 sorter_params={"accm": {"job_kwargs": {"n_jobs": os.cpu_count()}}})
+rows = benchmark(["probe32"], ["accm", "tridesclous2", "spykingcircus2"], args.duration, args.seed, args.output)
 print()
 print(markdown_table(rows))
 by_name = {r.sorter: r for r in rows}

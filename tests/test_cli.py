@@ -59,3 +59,19 @@ def test_demo_prints_the_score(tmp_path):
     well = int(result.stdout.split("well-detected units (accuracy >= 0.8):")[1].split("/")[0])
     assert well >= 3, result.stdout
     assert np.isfinite(float(result.stdout.split("mean accuracy:")[1].split()[0]))
+
+
+def test_sort_with_labels_and_encoder(short_gt, sorted_small, tmp_path):
+    from spikeinterface.core import NumpySorting
+
+    recording, gt = short_gt
+    recording.save(folder=tmp_path / "rec", n_jobs=1, progress_bar=False)
+    unit = gt.unit_ids[0]
+    NumpySorting.from_unit_dict([{unit: gt.get_unit_spike_train(unit)[::5]}], gt.sampling_frequency).save(
+        folder=tmp_path / "curated")
+    _, previous_run = sorted_small
+    result = run_cli("sort", str(tmp_path / "rec"), "--folder", str(tmp_path / "out"), "--labels",
+                     str(tmp_path / "curated"), "--encoder", str(previous_run), "--param", "pretrained_train_steps=20")
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "out" / "sorter_output" / "accm.log").read_text()
+    assert "labels: 1 curated units" in log and "starting from pretrained encoder" in log
