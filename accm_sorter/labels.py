@@ -141,7 +141,8 @@ def combine_clusters_with_labels(cluster_labels, cluster_features, labelled_feat
                                  num_labelled_units: int, min_share: float = 0.5):
     """Put HDBSCAN clusters and labelled units in one label space: labelled units 0..L-1 first.
 
-    Each labelled spike votes for its nearest HDBSCAN cluster. A cluster most of whose votes come
+    Each labelled spike that lies inside an HDBSCAN cluster (within the distance from its centroid
+    that holds 90% of its members) votes for it. A cluster most of whose votes come
     from one labelled unit is that unit (its members join it); a cluster that two labelled units
     share substantially mixes them and is dropped (its spikes are re-assigned later by the
     classifier, which has the labelled examples of both). Other clusters are kept after the
@@ -153,9 +154,16 @@ def combine_clusters_with_labels(cluster_labels, cluster_features, labelled_feat
     owner = np.full(num_clusters, -2, dtype="int64")  # -2 unowned, -1 dropped, k >= 0 labelled unit
     if num_clusters:
         centroids = np.stack([np.median(cluster_features[cluster_labels == c], axis=0) for c in range(num_clusters)])
-        nearest = torch.cdist(torch.as_tensor(labelled_features), torch.as_tensor(centroids)).argmin(dim=1).numpy()
+        # a cluster's reach: 90% of its own members lie this close to its centroid
+        radius = np.array([np.percentile(np.linalg.norm(cluster_features[cluster_labels == c] - centroids[c], axis=1),
+                                         90) for c in range(num_clusters)])
+        dist = torch.cdist(torch.as_tensor(labelled_features), torch.as_tensor(centroids)).numpy()
+        nearest = dist.argmin(axis=1)
+        # a labelled spike votes only from inside a cluster: one far from every cluster (a unit near the
+        # noise floor) must not hand a real neuron's cluster to its unit
+        inside = dist[np.arange(nearest.size), nearest] <= radius[nearest]
         votes = np.zeros((num_labelled_units, num_clusters))
-        np.add.at(votes, (labelled_units, nearest), 1)
+        np.add.at(votes, (labelled_units[inside], nearest[inside]), 1)
         for c in range(num_clusters):
             total = votes[:, c].sum()
             if total == 0:
