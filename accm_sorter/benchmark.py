@@ -64,6 +64,7 @@ class BenchmarkRow:
     cpu_s: float = float("nan")
     peak_rss_mib: float = float("nan")
     params: dict = field(default_factory=dict)
+    data_folder: str = ""
 
     def cell(self) -> str:
         if self.status != "ok":
@@ -154,22 +155,43 @@ def colliding_spikes(gt_sorting, max_lag_ms=COLLISION_LAG_MS, max_distance_um=CO
     """{unit_id: bool array}: does each GT spike have another unit's spike within the lag and distance?"""
     fs = gt_sorting.sampling_frequency
     lag = int(round(max_lag_ms * fs / 1000))
+    return {unit: lags <= lag for unit, lags in collision_lags(gt_sorting, max_distance_um).items()}
+
+
+def collision_lags(gt_sorting, max_distance_um=COLLISION_DISTANCE_UM):
+    """{unit_id: int array}: for each GT spike, samples to the nearest spike of another unit within the distance."""
     locations = np.asarray(gt_sorting.get_property("gt_unit_locations"))[:, :2]
     near = np.linalg.norm(locations[:, None] - locations[None], axis=2) <= max_distance_um
     out = {}
     for seg in range(gt_sorting.get_num_segments()):
         trains = [gt_sorting.get_unit_spike_train(u, segment_index=seg) for u in gt_sorting.unit_ids]
         for i, unit in enumerate(gt_sorting.unit_ids):
-            flags = np.zeros(trains[i].size, dtype=bool)
+            lags = np.full(trains[i].size, np.iinfo("int64").max, dtype="int64")
             for j in np.flatnonzero(near[i]):
                 if j == i or trains[j].size == 0:
                     continue
                 pos = np.searchsorted(trains[j], trains[i])
                 before = np.abs(trains[i] - trains[j][np.clip(pos - 1, 0, trains[j].size - 1)])
                 after = np.abs(trains[j][np.clip(pos, 0, trains[j].size - 1)] - trains[i])
-                flags |= np.minimum(before, after) <= lag
-            out.setdefault(unit, []).append(flags)
+                lags = np.minimum(lags, np.minimum(before, after))
+            out.setdefault(unit, []).append(lags)
     return {u: np.concatenate(v) for u, v in out.items()}
+
+
+def collision_recall_by_lag(gt_sorting, comparison, bin_ms=0.1, max_lag_ms=COLLISION_LAG_MS):
+    """(bin centres in ms, recall of colliding GT spikes in each |lag| bin)."""
+    fs = gt_sorting.sampling_frequency
+    edges = np.arange(0.0, max_lag_ms + 1e-9, bin_ms)
+    hits, totals = np.zeros(edges.size - 1), np.zeros(edges.size - 1)
+    for unit, lags in collision_lags(gt_sorting).items():
+        tp = np.concatenate([np.asarray(lab) for lab in comparison.get_labels1(unit)]) == "TP"
+        lag_ms = lags * 1000.0 / fs
+        which = np.digitize(lag_ms, edges) - 1
+        ok = (which >= 0) & (which < edges.size - 1)
+        np.add.at(hits, which[ok], tp[ok])
+        np.add.at(totals, which[ok], 1)
+    with np.errstate(invalid="ignore"):
+        return (edges[:-1] + edges[1:]) / 2, hits / totals
 
 
 def collision_recalls(gt_sorting, comparison) -> tuple[float, float]:
@@ -189,6 +211,25 @@ def collision_recalls(gt_sorting, comparison) -> tuple[float, float]:
         hits_c, total_c = hits_c + int(tp[flags].sum()), total_c + int(flags.sum())
         hits_i, total_i = hits_i + int(tp[~flags].sum()), total_i + int((~flags).sum())
     return (hits_c / total_c if total_c else float("nan")), (hits_i / total_i if total_i else float("nan"))
+
+
+def resolve_scenario(spec: str, duration, seed, output_folder):
+    """A named scenario -> (name, None); a folder with recording/ and gt_sorting/ -> (its name, folder).
+
+    Any recording + ground-truth pair SpikeInterface can load works (MEArec, hybrid recordings):
+    save them as ``folder/recording`` and ``folder/gt_sorting`` (``.save(folder=...)``).
+    """
+    from .scenarios import SCENARIOS
+
+    if spec in SCENARIOS:
+        return spec, None
+    folder = Path(spec)
+    if (folder / "recording").exists() and (folder / "gt_sorting").exists():
+        return folder.name, folder
+    raise ValueError(
+        f"Scenario '{spec}' is neither a named scenario ({', '.join(sorted(SCENARIOS))}) nor a folder holding "
+        "'recording' and 'gt_sorting' (saved with .save(folder=...))."
+    )
 
 
 def print_progress(message: str) -> None:
@@ -217,9 +258,14 @@ def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.
         replaced = {(r.scenario, r.sorter) for r in rows}
         write_results([r for r in previous if (r.scenario, r.sorter) not in replaced] + rows, output_folder)
 
-    for scenario in scenarios:
-        data_folder = output_folder / "data" / f"{scenario}_{duration:g}s_seed{seed}"
-        _, gt = generate_scenario(scenario, duration=duration, seed=seed, folder=data_folder)
+    for scenario_spec in scenarios:
+        scenario, data_folder = resolve_scenario(scenario_spec, duration, seed, output_folder)
+        if data_folder is None:
+            data_folder = output_folder / "data" / f"{scenario}_{duration:g}s_seed{seed}"
+            generate_scenario(scenario, duration=duration, seed=seed, folder=data_folder)
+        from spikeinterface.core import load
+
+        gt = load(data_folder / "gt_sorting")
         for label in sorters:
             sorter, _, variant = label.partition(":")
             params = dict(sorter_params.get(sorter, {}))
@@ -227,7 +273,7 @@ def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.
                 if variant not in VARIANTS:
                     raise ValueError(f"Unknown sorter variant ':{variant}'; known: {sorted(VARIANTS)}")
                 params.update(VARIANTS[variant])
-            row = BenchmarkRow(scenario=scenario, sorter=label, params=params)
+            row = BenchmarkRow(scenario=scenario, sorter=label, params=params, data_folder=str(data_folder))
             if sorter not in installed:
                 row.status = "failed: not installed"
                 record(row)
@@ -274,16 +320,26 @@ def make_figures(rows, output_folder: Path) -> list[Path]:
         ok = [r for r in rows if r.scenario == scenario and r.status == "ok"]
         if not ok:
             continue
-        data = next((output_folder / "data").glob(f"{scenario}_*"))
+        data = scenario_data_folder(output_folder, scenario)
+        if data is None:
+            continue
         gt = load(data / "gt_sorting")
         snr = ground_truth_snr(load(data / "recording"), gt)
-        fig, (ax_snr, ax_ordered) = plt.subplots(1, 2, figsize=(11, 4))
+        has_locations = "gt_unit_locations" in gt.get_property_keys()
+        fig, axes = plt.subplots(1, 3 if has_locations else 2, figsize=(16 if has_locations else 11, 4))
+        ax_snr, ax_ordered = axes[0], axes[1]
         for r in ok:
             sorting = ss.read_sorter_folder(output_folder / "runs" / scenario / r.sorter.replace(":", "_"))
-            acc = compare_sorter_to_ground_truth(gt, sorting, exhaustive_gt=True).get_performance()["accuracy"]
-            acc = acc.reindex(gt.unit_ids).to_numpy(dtype=float)
+            comparison = compare_sorter_to_ground_truth(gt, sorting, exhaustive_gt=True)
+            acc = comparison.get_performance()["accuracy"].reindex(gt.unit_ids).to_numpy(dtype=float)
             ax_snr.scatter(snr, acc, label=r.sorter, s=18)
             ax_ordered.plot(np.sort(acc)[::-1], label=r.sorter)
+            if has_locations:
+                centres, recall = collision_recall_by_lag(gt, comparison)
+                axes[2].plot(centres, recall, marker="o", ms=3, label=r.sorter)
+        if has_locations:
+            axes[2].set(xlabel="lag to the colliding spike (ms)", ylabel="recall",
+                        title=f"{scenario}: collision recall by lag (< 50 um)")
         ax_snr.set(xlabel="GT unit SNR (peak / noise)", ylabel="accuracy", title=f"{scenario}: accuracy vs SNR")
         ax_ordered.set(xlabel="GT units (ordered)", ylabel="accuracy", title=f"{scenario}: ordered accuracy")
         ax_ordered.axhline(WELL_DETECTED_ACCURACY, color="grey", lw=0.5)
@@ -309,6 +365,14 @@ def make_figures(rows, output_folder: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def scenario_data_folder(output_folder: Path, scenario: str):
+    recorded = [r for r in load_results(output_folder) if r.scenario == scenario and r.data_folder]
+    if recorded and Path(recorded[0].data_folder).exists():
+        return Path(recorded[0].data_folder)
+    found = sorted((Path(output_folder) / "data").glob(f"{scenario}_*"))
+    return found[0] if found else None
 
 
 def ground_truth_snr(recording, gt_sorting, max_spikes=200, seed=0) -> np.ndarray:
@@ -338,7 +402,7 @@ def ground_truth_snr(recording, gt_sorting, max_spikes=200, seed=0) -> np.ndarra
 def write_results(rows, output_folder: Path):
     records = [asdict(r) for r in rows]
     (output_folder / "results.json").write_text(json.dumps(records, indent=1, default=float))
-    keys = [k for k in records[0] if k != "params"] if records else []
+    keys = [k for k in records[0] if k not in ("params", "data_folder")] if records else []
     lines = [",".join(keys)] + [",".join(str(rec[k]) for k in keys) for rec in records]
     (output_folder / "results.csv").write_text("\n".join(lines) + "\n")
     (output_folder / "results.md").write_text(markdown_table(rows))

@@ -35,3 +35,31 @@ def test_benchmark_cli_on_a_tiny_scenario(tmp_path):
     for figure in ("accuracy_small8.png", "time_memory.png"):
         assert (out / figure).stat().st_size > 10_000
     assert "[small8] accm: running" in result.stdout
+
+
+def test_user_scenario_by_path_and_unknown_scenario(tmp_path, short_gt):
+    from accm_sorter.benchmark import resolve_scenario
+
+    recording, gt = short_gt
+    folder = tmp_path / "my_hybrid"
+    recording.save(folder=folder / "recording", n_jobs=1, progress_bar=False)
+    gt.save(folder=folder / "gt_sorting")
+    assert resolve_scenario(str(folder), 8.0, 0, tmp_path) == ("my_hybrid", folder)
+    assert resolve_scenario("probe32", 8.0, 0, tmp_path) == ("probe32", None)
+    with pytest.raises(ValueError, match="neither a named scenario"):
+        resolve_scenario(str(tmp_path / "nothing"), 8.0, 0, tmp_path)
+
+
+def test_collision_recall_by_lag_counts_every_colliding_spike(short_gt):
+    import numpy as np
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+
+    from accm_sorter.benchmark import collision_recall_by_lag, collision_recalls, colliding_spikes
+
+    _, gt = short_gt
+    comparison = compare_sorter_to_ground_truth(gt, gt, exhaustive_gt=True)  # a perfect sorter
+    centres, recall = collision_recall_by_lag(gt, comparison)
+    assert centres.size == 10
+    assert np.all(recall[np.isfinite(recall)] == 1.0)
+    assert collision_recalls(gt, comparison) == (1.0, 1.0)
+    assert sum(int(f.sum()) for f in colliding_spikes(gt).values()) > 0
