@@ -310,28 +310,29 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             f"{overlap_report['reassigned']} re-assigned, {overlap_report['recovered']} recovered from noise")
 
         # spikes that detection never saw because a bigger one masked them: detect on the residual
-        scales = np.ones(peaks.size, dtype="float32")
-        assigned = np.flatnonzero(labels >= 0)
-        scales[assigned] = template_amplitude_scale(snippets, unit_templates, labels, peaks["channel_index"],
-                                                    table, assigned)
-        residual = residual_recording(preprocessed, unit_templates, nbefore, peaks, labels, scales)
-        new_peaks = detect_spikes(residual, noise_levels, params, job_kwargs)
-        new_snippets = extract_snippets(residual, new_peaks, table, nbefore, nafter, job_kwargs)
-        new_labels, new_confidence = reassign_peaks(new_peaks, new_snippets)
-        if params["masked_spike_threshold"] >= 1.0:
-            new_labels[:] = -1  # recovery switched off
-        new_global, _ = global_sample_index(new_peaks, recording)
-        repeat = refractory_repeats(new_global, new_labels, global_samples, labels,
-                                    int(round(params["overlap_max_lag_ms"] * sampling_frequency / 1000)))
-        keep = (new_labels >= 0) & ~repeat & (new_confidence >= params["masked_spike_threshold"])
-        overlap_report["masked_recovered"] = int(keep.sum())
-        log(f"residual detection: {new_peaks.size} peaks, {int(keep.sum())} kept as masked spikes")
-        peaks = np.concatenate([peaks, new_peaks[keep]])
-        labels = np.concatenate([labels, new_labels[keep]])
-        confidence = np.concatenate([confidence, new_confidence[keep]])
-        snippets = np.concatenate([snippets, new_snippets[keep]])
-        embeddings = np.concatenate([embeddings, embed(encoder, new_snippets[keep], device)])
-        global_samples, _ = global_sample_index(peaks, recording)
+        # (threshold 1.0 switches this off; the classifier's float32 sigmoid can reach exactly 1.0,
+        # so the switch skips the step instead of relying on the comparison)
+        if params["masked_spike_threshold"] < 1.0:
+            scales = np.ones(peaks.size, dtype="float32")
+            assigned = np.flatnonzero(labels >= 0)
+            scales[assigned] = template_amplitude_scale(snippets, unit_templates, labels, peaks["channel_index"],
+                                                        table, assigned)
+            residual = residual_recording(preprocessed, unit_templates, nbefore, peaks, labels, scales)
+            new_peaks = detect_spikes(residual, noise_levels, params, job_kwargs)
+            new_snippets = extract_snippets(residual, new_peaks, table, nbefore, nafter, job_kwargs)
+            new_labels, new_confidence = reassign_peaks(new_peaks, new_snippets)
+            new_global, _ = global_sample_index(new_peaks, recording)
+            repeat = refractory_repeats(new_global, new_labels, global_samples, labels,
+                                        int(round(params["overlap_max_lag_ms"] * sampling_frequency / 1000)))
+            keep = (new_labels >= 0) & ~repeat & (new_confidence >= params["masked_spike_threshold"])
+            overlap_report["masked_recovered"] = int(keep.sum())
+            log(f"residual detection: {new_peaks.size} peaks, {int(keep.sum())} kept as masked spikes")
+            peaks = np.concatenate([peaks, new_peaks[keep]])
+            labels = np.concatenate([labels, new_labels[keep]])
+            confidence = np.concatenate([confidence, new_confidence[keep]])
+            snippets = np.concatenate([snippets, new_snippets[keep]])
+            embeddings = np.concatenate([embeddings, embed(encoder, new_snippets[keep], device)])
+            global_samples, _ = global_sample_index(peaks, recording)
         merge_report["overlaps"] = overlap_report
 
     if labelled.size:
