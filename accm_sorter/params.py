@@ -94,6 +94,7 @@ STAGES = (
     "train",
     "cluster",
     "pairwise",
+    "matching",
 )
 
 PARAMETERS: tuple[Parameter, ...] = (
@@ -110,6 +111,10 @@ PARAMETERS: tuple[Parameter, ...] = (
               "explicit n_jobs also sets torch's thread count. n_jobs > 1 pays off on long many-channel recordings."),
     Parameter("save_embeddings", True, bool, "general",
               "Save per-spike embeddings (float16) and confidences in sorter_output/."),
+    Parameter("split_by_group", True, bool, "general",
+              "When the channel property 'group' has several values (shanks of a multi-shank probe, tetrodes), "
+              "sort each group on its own in sorter_output/group_<g>/ and aggregate the units into one sorting "
+              "with a unit property 'group'. False sorts all channels together."),
     # --- preprocess ----------------------------------------------------------------------
     Parameter("apply_preprocessing", True, bool, "preprocess",
               "Band-pass, common reference and whiten the recording. Set False if it is already preprocessed "
@@ -232,6 +237,15 @@ PARAMETERS: tuple[Parameter, ...] = (
               "1.0 turns masked-spike recovery off.", low=0.0, high=1.0),
     Parameter("min_firing_rate", 0.05, float, "pairwise",
               "Units firing less than this (Hz) after assignment are removed.", low=0.0, high=1000.0),
+    # --- matching ------------------------------------------------------------------------
+    Parameter("matching_method", "tdc-peeler", str, "matching",
+              "Final pass that finds every spike of accm's units in the whole recording with SpikeInterface's "
+              "template matching, driven by accm's templates ('tdc-peeler', 'circus-omp' or 'wobble'): it "
+              "recovers spikes that detection missed or that overlap. 'none' keeps the detected, classified spikes.",
+              choices=("tdc-peeler", "circus-omp", "wobble", "none")),
+    Parameter("template_sparsity_threshold", 1.5, float, "matching",
+              "Channels whose template peak-to-peak is below this many noise levels are left out of the "
+              "matching templates.", low=0.0, high=100.0),
 )
 
 PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}

@@ -93,15 +93,60 @@ def global_sample_index(peaks, recording) -> tuple[np.ndarray, int]:
     return peaks["sample_index"] + offsets[peaks["segment_index"]], int(sum(lengths))
 
 
-def build_sorting(peaks, labels, sampling_frequency, num_units, num_segments):
+def build_sorting(spikes, sampling_frequency, num_units, num_segments):
     from spikeinterface.core import NumpySorting
 
     per_segment = []
     for seg in range(num_segments):
-        in_seg = (peaks["segment_index"] == seg) & (labels >= 0)
-        samples, units = peaks["sample_index"][in_seg], labels[in_seg]
-        per_segment.append({u: np.sort(samples[units == u]) for u in range(num_units)})
+        in_seg = spikes[spikes["segment_index"] == seg]
+        per_segment.append({u: np.sort(in_seg["sample_index"][in_seg["unit_index"] == u]) for u in range(num_units)})
     return NumpySorting.from_unit_dict(per_segment, sampling_frequency)
+
+
+def spikes_from_labels(peaks, labels):
+    """The classified peaks as a spike array (what the sorting holds when template matching is off)."""
+    from .matching import spike_dtype
+
+    assigned = np.flatnonzero(labels >= 0)
+    spikes = np.zeros(assigned.size, dtype=spike_dtype)
+    spikes["sample_index"] = peaks["sample_index"][assigned]
+    spikes["segment_index"] = peaks["segment_index"][assigned]
+    spikes["unit_index"] = labels[assigned]
+    spikes["amplitude"] = 1.0
+    return spikes
+
+
+def keep_labelled_spikes(spikes, labelled_peaks, labelled_units, censor_samples):
+    """Curated spikes stay in their unit: add those matching missed and drop matches that contradict them."""
+    from .matching import spike_dtype
+
+    forced = np.zeros(labelled_peaks.size, dtype=spike_dtype)
+    forced["sample_index"] = labelled_peaks["sample_index"]
+    forced["segment_index"] = labelled_peaks["segment_index"]
+    forced["unit_index"] = labelled_units
+    forced["amplitude"] = 1.0
+    forced = forced[labelled_units >= 0]
+    clash = np.zeros(spikes.size, dtype=bool)
+    for seg in np.unique(forced["segment_index"]):
+        in_seg = np.flatnonzero(spikes["segment_index"] == seg)
+        times = np.sort(forced["sample_index"][forced["segment_index"] == seg])
+        pos = np.searchsorted(times, spikes["sample_index"][in_seg])
+        before = np.abs(spikes["sample_index"][in_seg] - times[np.clip(pos - 1, 0, times.size - 1)])
+        after = np.abs(times[np.clip(pos, 0, times.size - 1)] - spikes["sample_index"][in_seg])
+        clash[in_seg] = np.minimum(before, after) < censor_samples
+    merged = np.concatenate([spikes[~clash], forced])
+    return merged[np.lexsort((merged["sample_index"], merged["segment_index"]))]
+
+
+def drop_rare_units(spikes, num_units, total_duration_s, min_firing_rate):
+    """Remove units below ``min_firing_rate``; renumber the rest. Returns (spikes, kept old unit numbers)."""
+    counts = np.bincount(spikes["unit_index"], minlength=num_units)
+    kept = np.flatnonzero(counts >= max(1.0, min_firing_rate * total_duration_s))
+    new_index = np.full(num_units, -1, dtype="int64")
+    new_index[kept] = np.arange(kept.size)
+    spikes = spikes[new_index[spikes["unit_index"]] >= 0].copy()
+    spikes["unit_index"] = new_index[spikes["unit_index"]]
+    return spikes, kept
 
 
 def write_sorting(sorting, sorter_output_folder: Path, main_channel_ids, confidence_by_unit, curated_ids=None):
@@ -350,22 +395,44 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         return empty_result(recording, sorter_output_folder, "no unit survived assignment and curation.", log)
     units = [np.flatnonzero(labels == u) for u in range(num_units)]
     templates = group_templates(snippets, peaks["channel_index"], table, units, num_channels, seed=seed)
-    main_channels = np.abs(templates).max(axis=2).argmax(axis=1)
-    main_channel_ids = recording.channel_ids[main_channels]
-    confidence_by_unit = [float(confidence[idx].mean()) for idx in units]
-    curated_ids = [""] * num_units
+    confidence_by_unit = np.array([float(confidence[idx].mean()) for idx in units])
+    curated_ids = np.full(num_units, "", dtype=object)
     if labelled.size:
         for k, unit_id in enumerate(label_data.unit_ids):
             for u in np.unique(labels[labelled[peak_units[labelled] == k]]):
                 if u >= 0:
                     curated_ids[u] = str(unit_id)
-    log(f"{num_units} units, {int((labels >= 0).sum())} spikes")
+    log(f"{num_units} units, {int((labels >= 0).sum())} classified spikes")
+
+    if params["matching_method"] != "none":
+        timer.start("matching")
+        from .matching import match_spikes, unit_templates
+
+        matching_templates = unit_templates(preprocessed, peaks, labels, num_units, noise_levels, params, job_kwargs)
+        spikes = match_spikes(preprocessed, matching_templates, noise_levels, params, job_kwargs)
+        if labelled.size:
+            spikes = keep_labelled_spikes(spikes, peaks[labelled], labels[labelled], censor)
+        log(f"template matching ({params['matching_method']}): {spikes.size} spikes of "
+            f"{len(matching_templates.unit_ids)} units")
+    else:
+        spikes = spikes_from_labels(peaks, labels)
+    spikes, kept_units = drop_rare_units(spikes, num_units, recording.get_total_duration(),
+                                         params["min_firing_rate"])
+    num_units = kept_units.size
+    if num_units == 0:
+        timer.finish()
+        return empty_result(recording, sorter_output_folder, "no unit kept a spike after template matching.", log)
+    main_channels = np.abs(templates[kept_units]).max(axis=2).argmax(axis=1)
+    main_channel_ids = recording.channel_ids[main_channels]
+    log(f"{num_units} units, {spikes.size} spikes")
 
     timer.start("save")
-    sorting = build_sorting(peaks, labels, sampling_frequency, num_units, recording.get_num_segments())
+    sorting = build_sorting(spikes, sampling_frequency, num_units, recording.get_num_segments())
     save_outputs(sorter_output_folder, params, peaks, labels, confidence, embeddings, encoder, losses,
                  merge_report, noise_levels, embed_rate, channel_locations, table, sampling_frequency, log)
-    write_sorting(sorting, sorter_output_folder, main_channel_ids, confidence_by_unit, curated_ids)
+    np.save(sorter_output_folder / "spikes.npy", spikes)
+    write_sorting(sorting, sorter_output_folder, main_channel_ids, confidence_by_unit[kept_units],
+                  list(curated_ids[kept_units]))
     timings = timer.finish()
     (sorter_output_folder / "timings.json").write_text(json.dumps(timings, indent=2))
     del preprocessed

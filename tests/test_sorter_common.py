@@ -23,7 +23,7 @@ def test_run_sorter_output_layout_and_sorting_info(sorted_small, small_gt):
     assert info["log"]["error"] is False
     out = folder / "sorter_output"
     for name in ("sorting", "accm.log", "encoder.pt", "encoder.json", "peaks.npy", "spike_labels.npy",
-                 "confidence.npy", "embeddings.npy", "merges.json", "timings.json"):
+                 "confidence.npy", "embeddings.npy", "merges.json", "timings.json", "spikes.npy"):
         assert (out / name).exists(), name
     log = json.loads((folder / "spikeinterface_log.json").read_text())
     assert any("stage train" in line for line in log["runtime_trace"])
@@ -42,7 +42,12 @@ def test_saved_arrays_are_consistent(sorted_small):
     assert labels.shape == confidence.shape == (peaks.size,)
     assert embeddings.shape[0] == peaks.size
     assert ((confidence >= 0) & (confidence <= 1)).all()
-    assert int((labels >= 0).sum()) == sorting.to_spike_vector().size
+    # the sorting holds the template-matched spikes; the classified peaks are what the templates came from
+    spikes = np.load(out / "spikes.npy")
+    vector = sorting.to_spike_vector()
+    assert spikes.size == vector.size
+    assert np.array_equal(np.sort(spikes["sample_index"]), np.sort(vector["sample_index"]))
+    assert set(np.unique(spikes["unit_index"])) == set(range(sorting.get_num_units()))
     # spikes kept by the classifier are, on the whole, the confident ones
     assert confidence[labels >= 0].mean() > confidence[labels < 0].mean()
 
