@@ -46,7 +46,8 @@ def unit_templates(recording, peaks, labels, num_units, noise_levels, params, jo
     array = estimate_templates_with_accumulator(recording, spikes, unit_ids, nbefore, nafter,
                                                 return_in_uV=False, **job_kwargs)
     templates = Templates(templates_array=array, sampling_frequency=fs, nbefore=nbefore,
-                          channel_ids=recording.channel_ids, unit_ids=unit_ids, probe=recording.get_probe(),
+                          channel_ids=recording.channel_ids, unit_ids=unit_ids,
+                          probe=recording.get_probe() if len(recording.get_probes()) == 1 else None,
                           is_in_uV=False)
     templates = templates.to_sparse(_snr_sparsity(templates, noise_levels, params["template_sparsity_threshold"]))
     return remove_empty_templates(templates)

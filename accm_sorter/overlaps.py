@@ -98,13 +98,16 @@ def residual_recording(recording, templates, nbefore, peaks, labels, scales):
     from spikeinterface.core.base import minimum_spike_dtype
     from spikeinterface.core.generate import InjectTemplatesRecording
 
+    from .sorting_tools import with_all_segments
+
     assigned = np.flatnonzero(labels >= 0)
     spikes = np.zeros(assigned.size, dtype=minimum_spike_dtype)
     spikes["sample_index"] = peaks["sample_index"][assigned]
     spikes["unit_index"] = labels[assigned]
     spikes["segment_index"] = peaks["segment_index"][assigned]
     order = np.lexsort((spikes["unit_index"], spikes["sample_index"], spikes["segment_index"]))
-    sorting = NumpySorting(spikes[order], recording.sampling_frequency, np.arange(templates.shape[0]))
+    sorting = with_all_segments(NumpySorting(spikes[order], recording.sampling_frequency, np.arange(templates.shape[0])),
+                                recording.get_num_segments())
     dense = np.ascontiguousarray(np.transpose(templates, (0, 2, 1))).astype("float32")  # (units, T, channels)
     return InjectTemplatesRecording(sorting, dense, nbefore=nbefore, amplitude_factor=-scales[assigned][order],
                                     parent_recording=recording)

@@ -237,6 +237,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               "1.0 turns masked-spike recovery off.", low=0.0, high=1.0),
     Parameter("min_firing_rate", 0.05, float, "pairwise",
               "Units firing less than this (Hz) after assignment are removed.", low=0.0, high=1000.0),
+    Parameter("split_max_similarity", 0.9, float, "pairwise",
+              "A unit is split in two (or more) when PCA + HDBSCAN of its own waveforms finds parts whose mean "
+              "waveforms have a cosine similarity below this; 0 turns splitting off.", low=0.0, high=1.0),
     # --- matching ------------------------------------------------------------------------
     Parameter("matching_method", "tdc-peeler", str, "matching",
               "Final pass that finds every spike of accm's units in the whole recording with SpikeInterface's "

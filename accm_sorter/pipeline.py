@@ -24,6 +24,7 @@ from .encoder_io import save_encoder
 from .overlaps import refractory_repeats, residual_recording, resolve_overlaps, template_amplitude_scale
 from .pairwise import assign_spikes, build_prototypes, group_templates, merge_clusters, train_spike_classifier
 from .preprocess import cache_recording, preprocess_recording
+from .sorting_tools import with_all_segments
 from .snippets import (
     estimate_locations,
     extract_snippets,
@@ -100,7 +101,7 @@ def build_sorting(spikes, sampling_frequency, num_units, num_segments):
     for seg in range(num_segments):
         in_seg = spikes[spikes["segment_index"] == seg]
         per_segment.append({u: np.sort(in_seg["sample_index"][in_seg["unit_index"] == u]) for u in range(num_units)})
-    return NumpySorting.from_unit_dict(per_segment, sampling_frequency)
+    return with_all_segments(NumpySorting.from_unit_dict(per_segment, sampling_frequency), num_segments)
 
 
 def spikes_from_labels(peaks, labels):
@@ -173,8 +174,9 @@ def empty_result(recording, sorter_output_folder, reason: str, log):
 
     warnings.warn(f"accm: {reason} Returning an empty sorting.", stacklevel=2)
     log(f"empty sorting: {reason}")
-    sorting = NumpySorting.from_unit_dict([{} for _ in range(recording.get_num_segments())],
-                                          recording.sampling_frequency)
+    sorting = with_all_segments(NumpySorting.from_unit_dict([{} for _ in range(recording.get_num_segments())],
+                                                            recording.sampling_frequency),
+                                recording.get_num_segments())
     write_sorting(sorting, sorter_output_folder, [], [])
     return sorting
 
@@ -285,8 +287,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     if labelled.size:
         from .labels import combine_clusters_with_labels
 
-        sub_labels, num_clusters = combine_clusters_with_labels(
-            sub_labels, features[cluster_index], features[labelled], peak_units[labelled], num_labelled_units)
+        sub_labels, num_clusters = combine_clusters_with_labels(sub_labels, num_labelled_units)
         # the labelled spikes join the clustered ones as certain members of their units
         cluster_index = np.concatenate([cluster_index, labelled])
         sub_labels = np.concatenate([sub_labels, peak_units[labelled]])
@@ -393,6 +394,15 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     if num_units == 0:
         timer.finish()
         return empty_result(recording, sorter_output_folder, "no unit survived assignment and curation.", log)
+    if params["split_max_similarity"] > 0:
+        from .split import split_mixed_units
+
+        curated_units = np.unique(labels[labelled][labels[labelled] >= 0])  # a curator's unit stays whole
+        labels, split_report = split_mixed_units(labels, snippets, peaks["channel_index"], table,
+                                                 params["min_cluster_size"], params["split_max_similarity"], seed,
+                                                 protected=curated_units, log=log)
+        merge_report["splits"] = split_report
+        num_units = int(labels.max()) + 1
     units = [np.flatnonzero(labels == u) for u in range(num_units)]
     templates = group_templates(snippets, peaks["channel_index"], table, units, num_channels, seed=seed)
     confidence_by_unit = np.array([float(confidence[idx].mean()) for idx in units])
@@ -418,6 +428,9 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         spikes = spikes_from_labels(peaks, labels)
     spikes, kept_units = drop_rare_units(spikes, num_units, recording.get_total_duration(),
                                          params["min_firing_rate"])
+    renumber = np.full(num_units + 1, -1, dtype="int64")  # the last entry maps -1 to -1
+    renumber[kept_units] = np.arange(kept_units.size)
+    labels = renumber[labels]  # peaks of dropped units count as discarded, like the sorting says
     num_units = kept_units.size
     if num_units == 0:
         timer.finish()

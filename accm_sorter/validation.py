@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 MIN_DURATION_S = 3.0
@@ -13,18 +16,56 @@ class RecordingCheckError(ValueError):
     """The recording cannot be sorted as it is; the message says what to change."""
 
 
+class OutputFolderError(ValueError, OSError):
+    """The output folder cannot be used; the message says what to change."""
+
+
+def not_a_recording_message(obj) -> str:
+    """What to do when run_sorter gets something other than one recording."""
+    from spikeinterface.core import BaseRecording, BaseSorting
+
+    name = type(obj).__name__
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(r, BaseRecording) for r in obj):
+        rates = sorted({float(r.sampling_frequency) for r in obj})
+        advice = (
+            f"accm sorts one recording at a time, got a {name} of {len(obj)} recordings. To sort them one by one, "
+            "use spikeinterface.sorters.run_sorter_jobs (one job per recording) or pass a dict "
+            "{name: recording} to run_sorter. To sort them as one session, join them first with "
+            "spikeinterface.core.concatenate_recordings (one segment) or append_recordings (one segment each)"
+        )
+        if len(rates) > 1:
+            advice += (
+                f"; they have different sampling rates ({', '.join(f'{r:g}' for r in rates)} Hz), so resample them "
+                "to one rate first (spikeinterface.preprocessing.resample)"
+            )
+        return advice + "."
+    if isinstance(obj, (str, os.PathLike)):
+        return (
+            f"accm sorts a spikeinterface recording, got a path ({str(obj)!r}). Load it first: "
+            "spikeinterface.load(path) for a saved SpikeInterface folder, or a reader from "
+            "spikeinterface.extractors (e.g. se.read_spikeglx(path)) for raw data."
+        )
+    if isinstance(obj, BaseSorting):
+        return "accm sorts a recording, got a sorting: pass the recording the sorting came from."
+    return (
+        f"accm sorts a spikeinterface BaseRecording, got {name}. Load your data with "
+        "spikeinterface.extractors (e.g. se.read_spikeglx) or wrap a NumPy array with "
+        "spikeinterface.core.NumpyRecording(traces_list=[traces], sampling_frequency=...) "
+        "(traces of shape (num_samples, num_channels))."
+    )
+
+
 def check_recording(recording) -> None:
     from spikeinterface.core import BaseRecording
 
     if not isinstance(recording, BaseRecording):
-        raise TypeError(
-            f"accm sorts a spikeinterface BaseRecording, got {type(recording).__name__}. Load your data with "
-            "spikeinterface.extractors (e.g. se.read_spikeglx) or wrap a NumPy array with "
-            "spikeinterface.core.NumpyRecording."
-        )
+        raise TypeError(not_a_recording_message(recording))
     num_channels = recording.get_num_channels()
     if num_channels == 0:
-        raise RecordingCheckError("The recording has no channels; there is nothing to sort.")
+        raise RecordingCheckError(
+            "The recording has no channels; there is nothing to sort. Check the stream you loaded and any channel "
+            "selection (select_channels, remove_channels, split_by) applied before sorting."
+        )
     if not recording.has_probe():
         raise RecordingCheckError(
             "The recording has no channel locations: accm needs them to pick each spike's neighbouring channels. "
@@ -62,9 +103,12 @@ def check_recording(recording) -> None:
 
 
 def check_finite_traces(recording, seed: int = 0) -> None:
-    """Look for NaN/inf in the first and last samples and a few random chunks of every segment."""
+    """Look for NaN/inf in the first and last samples and a few random chunks of every segment, and refuse
+    traces that are constant on every channel in all of those chunks (all zeros, a wrong stream or dtype)."""
     rng = np.random.default_rng(seed)
     chunk = max(1, int(PROBE_CHUNK_S * recording.sampling_frequency))
+    varies = np.zeros(recording.get_num_channels(), dtype=bool)
+    first_values = None
     for seg in range(recording.get_num_segments()):
         n = recording.get_num_samples(seg)
         starts = {0, max(0, n - chunk)}
@@ -78,3 +122,52 @@ def check_finite_traces(recording, seed: int = 0) -> None:
                     f"{list(bad)[:10]}). Remove those channels with recording.remove_channels(...) or repair the "
                     "data (e.g. spikeinterface.preprocessing.remove_artifacts) before sorting."
                 )
+            if traces.shape[0]:
+                if first_values is None:
+                    first_values = traces[0].copy()
+                varies |= np.any(traces != first_values[np.newaxis, :], axis=0)
+    if not varies.any():
+        value = "zero" if first_values is not None and not np.any(first_values) else "constant"
+        raise RecordingCheckError(
+            f"The traces are {value} on every channel (checked at the start, the end and {NUM_PROBE_CHUNKS} "
+            "random chunks of each segment): there is no signal to sort. Check that the right file, stream and "
+            "dtype were loaded (e.g. the .ap stream of a SpikeGLX folder) and that the channels are connected."
+        )
+
+
+def check_output_folder(output_folder, remove_existing_folder: bool) -> None:
+    """Refuse an output folder that run_sorter could not create or replace, saying what to change."""
+    folder = Path(output_folder).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise OutputFolderError(
+            f"The output folder {folder} is an existing file, not a folder. Choose another folder=... for the run."
+        )
+    if folder.is_dir():
+        if not remove_existing_folder:
+            raise OutputFolderError(
+                f"The output folder {folder} already exists. Pass remove_existing_folder=True to replace it "
+                "(accm-sorter sort --overwrite on the command line), "
+                "choose another folder=..., or, if it holds a finished run, load it with "
+                "spikeinterface.sorters.read_sorter_folder(folder)."
+            )
+        for path in (folder.parent, folder):
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise OutputFolderError(
+                    f"The output folder {folder} exists and cannot be replaced: no write permission in {path}. "
+                    "Choose a folder=... you can write to, or change the permissions of that folder."
+                )
+        return
+    ancestor = folder.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputFolderError(
+            f"Cannot create the output folder {folder}: {ancestor} is a file, not a folder. Choose a folder=... "
+            "whose parent is a folder you can write to."
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputFolderError(
+            f"Cannot create the output folder {folder}: no write permission in {ancestor}. Choose a folder=... "
+            "you can write to (e.g. under your home or scratch folder), or change the permissions of "
+            f"{ancestor}."
+        )
