@@ -138,7 +138,7 @@ PARAMETERS: tuple[Parameter, ...] = (
               low=0.0, high=100000.0),
     Parameter("cache_preprocessing", "auto", str, "preprocess",
               "Where to keep the preprocessed traces: 'memory', 'folder' (sorter_output/, memory-mapped), "
-              "'none' (recompute on each pass) or 'auto' (memory if it fits in half the free RAM, else folder).",
+              "'none' (recompute on each pass) or 'auto' (memory up to 2 GiB of traces, else folder).",
               choices=("auto", "memory", "folder", "none")),
     # --- detect --------------------------------------------------------------------------
     Parameter("peak_sign", "neg", str, "detect", "Sign of the spike peaks to detect.",
