@@ -119,14 +119,7 @@ def spikes_from_labels(peaks, labels):
 
 def keep_labelled_spikes(spikes, labelled_peaks, labelled_units, censor_samples):
     """Curated spikes stay in their unit: add those matching missed and drop matches that contradict them."""
-    from .matching import spike_dtype
-
-    forced = np.zeros(labelled_peaks.size, dtype=spike_dtype)
-    forced["sample_index"] = labelled_peaks["sample_index"]
-    forced["segment_index"] = labelled_peaks["segment_index"]
-    forced["unit_index"] = labelled_units
-    forced["amplitude"] = 1.0
-    forced = forced[labelled_units >= 0]
+    forced = spikes_from_labels(labelled_peaks, labelled_units)
     clash = np.zeros(spikes.size, dtype=bool)
     for seg in np.unique(forced["segment_index"]):
         in_seg = np.flatnonzero(spikes["segment_index"] == seg)
@@ -139,14 +132,13 @@ def keep_labelled_spikes(spikes, labelled_peaks, labelled_units, censor_samples)
     return merged[np.lexsort((merged["sample_index"], merged["segment_index"]))]
 
 
-def drop_rare_units(spikes, num_units, total_duration_s, min_firing_rate):
+def drop_rare_units(spikes, total_duration_s, min_firing_rate):
     """Remove units below ``min_firing_rate``; renumber the rest. Returns (spikes, kept old unit numbers)."""
-    counts = np.bincount(spikes["unit_index"], minlength=num_units)
-    kept = np.flatnonzero(counts >= max(1.0, min_firing_rate * total_duration_s))
-    new_index = np.full(num_units, -1, dtype="int64")
-    new_index[kept] = np.arange(kept.size)
-    spikes = spikes[new_index[spikes["unit_index"]] >= 0].copy()
-    spikes["unit_index"] = new_index[spikes["unit_index"]]
+    new_index = remove_rare_units(spikes["unit_index"], total_duration_s, min_firing_rate)
+    keep = new_index >= 0
+    kept = np.unique(spikes["unit_index"][keep])
+    spikes = spikes[keep].copy()
+    spikes["unit_index"] = new_index[keep]
     return spikes, kept
 
 
@@ -426,7 +418,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             f"{len(matching_templates.unit_ids)} units")
     else:
         spikes = spikes_from_labels(peaks, labels)
-    spikes, kept_units = drop_rare_units(spikes, num_units, recording.get_total_duration(),
+    spikes, kept_units = drop_rare_units(spikes, recording.get_total_duration(),
                                          params["min_firing_rate"])
     renumber = np.full(num_units + 1, -1, dtype="int64")  # the last entry maps -1 to -1
     renumber[kept_units] = np.arange(kept_units.size)

@@ -178,5 +178,5 @@ def test_labelled_spikes_override_contradicting_matches():
     out = keep_labelled_spikes(spikes, labelled, np.array([0, 0]), censor_samples=6)
     assert list(out["sample_index"]) == [100, 201, 300, 400, 500]
     assert list(out["unit_index"]) == [0, 0, 1, 0, 0]
-    kept_spikes, kept = drop_rare_units(out, 3, total_duration_s=10.0, min_firing_rate=0.15)
+    kept_spikes, kept = drop_rare_units(out, total_duration_s=10.0, min_firing_rate=0.15)
     assert list(kept) == [0] and (kept_spikes["unit_index"] == 0).all() and kept_spikes.size == 4
