@@ -27,11 +27,17 @@ def remove_duplicate_spikes(labels, global_samples, confidence, censor_samples: 
         order = order[labels[order] >= 0]
 
 
-def remove_rare_units(labels, total_duration_s: float, min_firing_rate: float) -> np.ndarray:
-    """Drop units below ``min_firing_rate`` and renumber the rest 0..n-1 (in order of first label)."""
+def remove_rare_units(labels, total_duration_s: float, min_firing_rate: float, protected=()) -> np.ndarray:
+    """Drop units below ``min_firing_rate`` and renumber the rest 0..n-1 (in unit order).
+
+    ``protected`` units (a curator's) stay whenever they have a spike.
+    """
     if labels.size == 0 or labels.max() < 0:
         return labels
     counts = np.bincount(labels[labels >= 0])
     keep = counts >= max(1.0, min_firing_rate * total_duration_s)
+    protected = np.asarray(protected, dtype="int64")
+    protected = protected[protected < counts.size]
+    keep[protected] |= counts[protected] > 0
     new_ids = np.cumsum(keep) - 1
     return np.where((labels >= 0) & keep[np.clip(labels, 0, None)], new_ids[np.clip(labels, 0, None)], -1)

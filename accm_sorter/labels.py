@@ -1,9 +1,9 @@
 """Curated labels: a partial sorting whose units are taken as known examples.
 
-Labs curate a few units by hand (phy) or carry them over from a previous session. Their spikes
-become labelled examples: the encoder gets a supervised contrastive term on them, the pairwise
-classifier learns from their true same/different pairs, and the labelled units come out of the
-sorting with exactly their labelled spikes (plus the ones accm finds that the curator missed).
+Labs curate a few units by hand (phy) or carry them over from a previous session. This module
+reads and checks them and finds which detected peaks they label; ``curated.py`` lays the curated
+units over the sorting, and with ``labels_weight`` > 0 the encoder also gets a supervised
+contrastive term on the labelled spikes.
 """
 
 from __future__ import annotations
@@ -95,13 +95,12 @@ def check_labels(sorting, recording) -> Labels:
                   np.concatenate(samples).astype("int64"), np.concatenate(units).astype("int64"))
 
 
-def attach_labels(peaks, labels: Labels, sampling_frequency: float):
-    """Label each detected peak (-1 = unlabelled); add peaks for labelled spikes detection missed.
+def label_peaks(peaks, labels: Labels, sampling_frequency: float):
+    """Curated unit of each detected peak (-1 = unlabelled), and the labelled spikes no peak matches.
 
-    A labelled spike matches the nearest detected peak within 0.4 ms, which then takes the
-    labelled spike's time. Spikes the detector missed are added on their unit's most common main
-    channel, so that labelled units come out intact.
-    Returns (peaks, peak_unit_index).
+    A labelled spike matches the nearest detected peak within 0.4 ms. The peaks themselves are not
+    touched, so every self-supervised stage sees what it would see without labels.
+    Returns (peak_unit_index, indices of the unmatched labelled spikes).
     """
     tolerance = int(round(MATCH_TOLERANCE_MS * sampling_frequency / 1000))
     peak_labels = np.full(peaks.size, -1, dtype="int64")
@@ -119,33 +118,21 @@ def attach_labels(peaks, labels: Labels, sampling_frequency: float):
                         left, right)
         close = np.abs(times[pick] - labels.sample_index[mine]) <= tolerance
         peak_labels[in_seg[pick[close]]] = labels.unit_index[mine[close]]
-        # the curator's spike time wins over the detector's
-        peaks["sample_index"][in_seg[pick[close]]] = labels.sample_index[mine[close]]
         matched[mine[close]] = True
-    missing = np.flatnonzero(~matched)
-    if missing.size:
-        extra = np.zeros(missing.size, dtype=peaks.dtype)
-        extra["sample_index"] = labels.sample_index[missing]
-        extra["segment_index"] = labels.segment_index[missing]
-        for k in np.unique(labels.unit_index[missing]):
-            chans = peaks["channel_index"][peak_labels == k]
-            main = np.bincount(chans).argmax() if chans.size else 0
-            extra["channel_index"][labels.unit_index[missing] == k] = main
-        peaks = np.concatenate([peaks, extra])
-        peak_labels = np.concatenate([peak_labels, labels.unit_index[missing]])
-    order = np.lexsort((peaks["sample_index"], peaks["segment_index"]))
-    return peaks[order], peak_labels[order]
+    missed = np.flatnonzero(~matched)
+    # in time order: SpikeInterface's node pipeline reads peaks chunk by chunk
+    return peak_labels, missed[np.lexsort((labels.sample_index[missed], labels.segment_index[missed]))]
 
 
-def combine_clusters_with_labels(cluster_labels, num_labelled_units: int):
-    """Put HDBSCAN clusters and labelled units in one label space: labelled units 0..L-1 first.
+def peaks_for_missed_labels(peaks, peak_labels, labels: Labels, missed):
+    """Peaks for labelled spikes detection missed, on their unit's most common main channel.
 
-    Clusters are numbered after the labelled units and left whole. An earlier version handed a
-    cluster to the labelled unit whose spikes voted for it; on low-snr (seed 2002) that gave the
-    cluster of a neighbour 6 um away to a curated unit and the curated unit's accuracy fell from 0.94
-    to 0. Whether a cluster is a curated neuron is now the pairwise merge step's decision, with its
-    template and refractory guards. Returns (joint labels for the clustered spikes, number of labels).
+    ``missed`` must be in time order (as ``label_peaks`` returns it); so are the peaks.
     """
-    num_clusters = int(cluster_labels.max()) + 1 if cluster_labels.size and cluster_labels.max() >= 0 else 0
-    joint = np.where(cluster_labels >= 0, cluster_labels + num_labelled_units, -1)
-    return joint, num_labelled_units + num_clusters
+    extra = np.zeros(missed.size, dtype=peaks.dtype)
+    extra["sample_index"] = labels.sample_index[missed]
+    extra["segment_index"] = labels.segment_index[missed]
+    for k in np.unique(labels.unit_index[missed]):
+        chans = peaks["channel_index"][peak_labels == k]
+        extra["channel_index"][labels.unit_index[missed] == k] = np.bincount(chans).argmax() if chans.size else 0
+    return extra

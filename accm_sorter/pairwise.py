@@ -237,12 +237,10 @@ def same_neuron_splits(index, amplitudes, main_channels, min_size):
 
 
 def merge_clusters(labels, snippets, main_channels, channel_table, features, amplitudes, samples, num_channels,
-                   num_embedding_dims, total_samples, sampling_frequency, threshold, min_size, seed, log=print,
-                   num_protected: int = 0):
+                   num_embedding_dims, total_samples, sampling_frequency, threshold, min_size, seed, log=print):
     """Merge clusters the cluster-pair classifier calls the same neuron; return new labels and a report.
 
-    ``report["cluster_map"][old_label]`` is the label each input cluster ends up with. Clusters
-    ``0..num_protected-1`` are curated units: two of them are never merged together.
+    ``report["cluster_map"][old_label]`` is the label each input cluster ends up with.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -305,8 +303,6 @@ def merge_clusters(labels, snippets, main_channels, channel_table, features, amp
                   if (min(x, y), max(x, y)) in pair_features]
         if not all(guards_pass(f) for f in across):
             continue
-        if any(c < num_protected for c in groups[ga]) and any(c < num_protected for c in groups[gb]):
-            continue  # two curated units are two neurons, by the curator's word
         for member in groups[gb]:
             group_of[member] = ga
         groups[ga] |= groups.pop(gb)

@@ -36,6 +36,7 @@ from .snippets import (
 NUM_NOISE_SNIPPETS = 2000
 NUM_AUGMENTED_POSITIVES = 4000
 SPATIAL_JITTER_CENTRES = 5
+RESIDUAL_BLOCK_PEAKS = 50_000
 
 
 def resolve_device(name: str):
@@ -117,24 +118,38 @@ def spikes_from_labels(peaks, labels):
     return spikes
 
 
-def keep_labelled_spikes(spikes, labelled_peaks, labelled_units, censor_samples):
-    """Curated spikes stay in their unit: add those matching missed and drop matches that contradict them."""
-    forced = spikes_from_labels(labelled_peaks, labelled_units)
+def keep_labelled_spikes(spikes, label_data, censor_samples):
+    """Curated spikes stay in their unit at their time: add those matching missed, replace its near matches.
+
+    Curated unit k is unit k of ``spikes``. Only unit k's own matches within ``censor_samples`` of a
+    labelled spike are replaced: another unit's spike there is a collision the labels say nothing
+    about (dropping them cost every neighbour 0.2-1 % accuracy on low-snr).
+    """
+    from .matching import spike_dtype
+
+    forced = np.zeros(label_data.sample_index.size, dtype=spike_dtype)
+    forced["sample_index"] = label_data.sample_index
+    forced["segment_index"] = label_data.segment_index
+    forced["unit_index"] = label_data.unit_index
+    forced["amplitude"] = 1.0
     clash = np.zeros(spikes.size, dtype=bool)
-    for seg in np.unique(forced["segment_index"]):
-        in_seg = np.flatnonzero(spikes["segment_index"] == seg)
-        times = np.sort(forced["sample_index"][forced["segment_index"] == seg])
-        pos = np.searchsorted(times, spikes["sample_index"][in_seg])
-        before = np.abs(spikes["sample_index"][in_seg] - times[np.clip(pos - 1, 0, times.size - 1)])
-        after = np.abs(times[np.clip(pos, 0, times.size - 1)] - spikes["sample_index"][in_seg])
-        clash[in_seg] = np.minimum(before, after) < censor_samples
+    for seg, unit in {(int(s), int(u)) for s, u in zip(forced["segment_index"], forced["unit_index"])}:
+        mine = np.flatnonzero((spikes["segment_index"] == seg) & (spikes["unit_index"] == unit))
+        times = np.sort(forced["sample_index"][(forced["segment_index"] == seg) & (forced["unit_index"] == unit)])
+        pos = np.searchsorted(times, spikes["sample_index"][mine])
+        before = np.abs(spikes["sample_index"][mine] - times[np.clip(pos - 1, 0, times.size - 1)])
+        after = np.abs(times[np.clip(pos, 0, times.size - 1)] - spikes["sample_index"][mine])
+        clash[mine] = np.minimum(before, after) < censor_samples
     merged = np.concatenate([spikes[~clash], forced])
     return merged[np.lexsort((merged["sample_index"], merged["segment_index"]))]
 
 
-def drop_rare_units(spikes, total_duration_s, min_firing_rate):
-    """Remove units below ``min_firing_rate``; renumber the rest. Returns (spikes, kept old unit numbers)."""
-    new_index = remove_rare_units(spikes["unit_index"], total_duration_s, min_firing_rate)
+def drop_rare_units(spikes, total_duration_s, min_firing_rate, protected=()):
+    """Remove units below ``min_firing_rate`` (except ``protected``); renumber the rest.
+
+    Returns (spikes, kept old unit numbers).
+    """
+    new_index = remove_rare_units(spikes["unit_index"], total_duration_s, min_firing_rate, protected)
     keep = new_index >= 0
     kept = np.unique(spikes["unit_index"][keep])
     spikes = spikes[keep].copy()
@@ -216,16 +231,17 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                             f"(min_spikes={params['min_spikes']}); lower detect_threshold if you expect more.", log)
 
     peak_units = np.full(peaks.size, -1, dtype="int64")  # curated unit of each peak, -1 = unlabelled
-    label_data = None
+    label_data, missed_labels = None, None
     if params["labels"] is not None:
-        from .labels import attach_labels, check_labels, load_label_sorting
+        from .labels import check_labels, label_peaks, load_label_sorting
 
         label_data = check_labels(load_label_sorting(params["labels"]), recording)
-        peaks, peak_units = attach_labels(peaks, label_data, sampling_frequency)
+        peak_units, missed_labels = label_peaks(peaks, label_data, sampling_frequency)
         log(f"labels: {label_data.unit_ids.size} curated units, {label_data.sample_index.size} labelled spikes, "
-            f"{int((peak_units >= 0).sum())} peaks labelled")
+            f"{int((peak_units >= 0).sum())} peaks labelled, {missed_labels.size} not detected")
+    # the supervised contrastive term is opt-in: it moves the encoder, and with it the unlabelled units
+    supervised = label_data is not None and params["labels_weight"] > 0
     labelled = np.flatnonzero(peak_units >= 0)
-    num_labelled_units = 0 if label_data is None else int(label_data.unit_ids.size)
 
     timer.start("snippets")
     nbefore = int(round(params["ms_before"] * sampling_frequency / 1000))
@@ -237,7 +253,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     noise_entries = spike_free_times(peaks, preprocessed, nbefore, nafter, NUM_NOISE_SNIPPETS, rng)
     noise_snippets = extract_snippets(preprocessed, noise_entries, table, nbefore, nafter, job_kwargs)
     train_index = np.sort(rng.choice(peaks.size, min(peaks.size, params["train_max_spikes"]), replace=False))
-    if labelled.size:
+    if supervised:
         train_index = np.union1d(train_index, labelled)
     wide_snippets = extract_snippets(preprocessed, peaks[train_index], wide_table, nbefore, nafter, job_kwargs)
     remap = recentre_table(wide_table, table, SPATIAL_JITTER_CENTRES)
@@ -256,8 +272,9 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     encoder, losses = train_encoder(
         wide_snippets, peaks["channel_index"][train_index], remap, noise_snippets, params, sampling_frequency,
         device, verbose=verbose, initial_encoder=initial_encoder,
-        spike_labels=peak_units[train_index] if labelled.size else None,
+        spike_labels=peak_units[train_index] if supervised else None,
     )
+    del wide_snippets
     if losses:
         log(f"contrastive loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f} over {len(losses)} steps")
 
@@ -270,21 +287,11 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     timer.start("cluster")
     scaling = fit_feature_scaling(embeddings, params["location_scale_um"])
     features = scaling.transform(embeddings, locations)
-    unlabelled = np.flatnonzero(peak_units < 0)
-    cluster_index = np.sort(rng.choice(unlabelled, min(unlabelled.size, params["cluster_max_spikes"]), replace=False))
+    cluster_index = np.sort(rng.choice(peaks.size, min(peaks.size, params["cluster_max_spikes"]), replace=False))
     sub_labels, sub_probs = cluster_features(features[cluster_index], params["min_cluster_size"],
                                              int(job_kwargs["n_jobs"]))
     num_clusters = int(sub_labels.max()) + 1
     log(f"HDBSCAN: {num_clusters} clusters, {np.mean(sub_labels < 0):.1%} of clustered spikes left as noise")
-    if labelled.size:
-        from .labels import combine_clusters_with_labels
-
-        sub_labels, num_clusters = combine_clusters_with_labels(sub_labels, num_labelled_units)
-        # the labelled spikes join the clustered ones as certain members of their units
-        cluster_index = np.concatenate([cluster_index, labelled])
-        sub_labels = np.concatenate([sub_labels, peak_units[labelled]])
-        sub_probs = np.concatenate([sub_probs, np.ones(labelled.size)])
-        log(f"with labels: {num_clusters} clusters, the first {num_labelled_units} curated")
     if num_clusters == 0:
         timer.finish()
         return empty_result(recording, sorter_output_folder,
@@ -292,8 +299,6 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
 
     timer.start("pairwise")
     amplitudes = peaks["amplitude"].astype("float32")
-    undetected = amplitudes == 0  # labelled spikes the detector missed carry no amplitude yet
-    amplitudes[undetected] = peak_amplitude(snippets[undetected], nbefore, params["peak_sign"])
     protos = build_prototypes(features[cluster_index], amplitudes[cluster_index], sub_labels, sub_probs, num_clusters)
     aug_feats, aug_amps, aug_labels = augmented_positives(
         encoder, snippets, peaks, table, channel_locations, nbefore, noise_snippets, scaling,
@@ -313,7 +318,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     labels, merge_report = merge_clusters(
         labels, snippets, peaks["channel_index"], table, features, amplitudes, global_samples, num_channels,
         params["embedding_dim"], total_samples, sampling_frequency, params["merge_threshold"],
-        params["min_cluster_size"], seed, log=log, num_protected=num_labelled_units,
+        params["min_cluster_size"], seed, log=log,
     )
     log(f"pairwise merges: {merge_report['num_clusters_before']} -> "
         f"{merge_report.get('num_clusters_after', merge_report['num_clusters_before'])} clusters")
@@ -357,26 +362,33 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                                                         table, assigned)
             residual = residual_recording(preprocessed, unit_templates, nbefore, peaks, labels, scales)
             new_peaks = detect_spikes(residual, noise_levels, params, job_kwargs)
-            new_snippets = extract_snippets(residual, new_peaks, table, nbefore, nafter, job_kwargs)
-            new_labels, new_confidence = reassign_peaks(new_peaks, new_snippets)
-            new_global, _ = global_sample_index(new_peaks, recording)
-            repeat = refractory_repeats(new_global, new_labels, global_samples, labels,
-                                        int(round(params["overlap_max_lag_ms"] * sampling_frequency / 1000)))
-            keep = (new_labels >= 0) & ~repeat & (new_confidence >= params["masked_spike_threshold"])
-            overlap_report["masked_recovered"] = int(keep.sum())
-            log(f"residual detection: {new_peaks.size} peaks, {int(keep.sum())} kept as masked spikes")
-            peaks = np.concatenate([peaks, new_peaks[keep]])
-            labels = np.concatenate([labels, new_labels[keep]])
-            confidence = np.concatenate([confidence, new_confidence[keep]])
-            snippets = np.concatenate([snippets, new_snippets[keep]])
-            embeddings = np.concatenate([embeddings, embed(encoder, new_snippets[keep], device)])
-            global_samples, _ = global_sample_index(peaks, recording)
+            refractory = int(round(params["overlap_max_lag_ms"] * sampling_frequency / 1000))
+            kept = []
+            # in blocks: the residual has as many peaks as the recording, and only a few are kept
+            for start in range(0, new_peaks.size, RESIDUAL_BLOCK_PEAKS):
+                block = new_peaks[start:start + RESIDUAL_BLOCK_PEAKS]
+                block_snippets = extract_snippets(residual, block, table, nbefore, nafter, job_kwargs)
+                block_labels, block_confidence = reassign_peaks(block, block_snippets)
+                block_global, _ = global_sample_index(block, recording)
+                repeat = refractory_repeats(block_global, block_labels, global_samples, labels, refractory)
+                keep = (block_labels >= 0) & ~repeat & (block_confidence >= params["masked_spike_threshold"])
+                kept.append((block[keep], block_labels[keep], block_confidence[keep], block_snippets[keep]))
+                del block_snippets
+            num_kept = sum(part[0].size for part in kept)
+            overlap_report["masked_recovered"] = num_kept
+            log(f"residual detection: {new_peaks.size} peaks, {num_kept} kept as masked spikes")
+            if num_kept:
+                kept_snippets = np.concatenate([part[3] for part in kept])
+                peaks = np.concatenate([peaks] + [part[0] for part in kept])
+                labels = np.concatenate([labels] + [part[1] for part in kept])
+                confidence = np.concatenate([confidence] + [part[2] for part in kept])
+                embeddings = np.concatenate([embeddings, embed(encoder, kept_snippets, device)])
+                snippets = np.concatenate([snippets, kept_snippets])
+                del kept_snippets
+                global_samples, _ = global_sample_index(peaks, recording)
+            del kept, new_peaks, residual
         merge_report["overlaps"] = overlap_report
 
-    if labelled.size:
-        cluster_to_unit = np.asarray(merge_report["cluster_map"], dtype="int64")
-        labels[labelled] = cluster_to_unit[peak_units[labelled]]
-        confidence[labelled] = 1.0
 
     timer.start("curate")
     censor = max(1, int(round(2 * params["exclude_sweep_ms"] * sampling_frequency / 1000)))
@@ -389,37 +401,115 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     if params["split_max_similarity"] > 0:
         from .split import split_mixed_units
 
-        curated_units = np.unique(labels[labelled][labels[labelled] >= 0])  # a curator's unit stays whole
         labels, split_report = split_mixed_units(labels, snippets, peaks["channel_index"], table,
                                                  params["min_cluster_size"], params["split_max_similarity"], seed,
-                                                 protected=curated_units, log=log)
+                                                 log=log)
         merge_report["splits"] = split_report
         num_units = int(labels.max()) + 1
+    if params["duplicate_min_similarity"] < 1.0:
+        from .split import merge_duplicate_units
+
+        templates = group_templates(snippets, peaks["channel_index"], table,
+                                    [np.flatnonzero(labels == u) for u in range(num_units)], num_channels, seed=seed)
+        labels, duplicate_report = merge_duplicate_units(labels, templates, global_samples, total_samples,
+                                                         sampling_frequency, params["duplicate_min_similarity"],
+                                                         log=log)
+        merge_report["duplicates"] = duplicate_report
+        num_units = int(labels.max()) + 1
+    num_curated, labelled_only = 0, np.zeros(0, dtype="int64")
+    template_labels, to_final = labels, np.arange(num_units)  # matching's unit numbers -> the sorting's
+    if label_data is not None:
+        timer.start("curated")
+        from .curated import claim_units
+        from .labels import peaks_for_missed_labels
+
+        num_curated = int(label_data.unit_ids.size)
+        peak_units = np.concatenate([peak_units, np.full(peaks.size - peak_units.size, -1)])  # + masked spikes
+        extra = peaks_for_missed_labels(peaks, peak_units, label_data, missed_labels)
+        if extra.size:
+            extra_snippets = extract_snippets(preprocessed, extra, table, nbefore, nafter, job_kwargs)
+            extra["amplitude"] = peak_amplitude(extra_snippets, nbefore, params["peak_sign"])
+            snippets = np.concatenate([snippets, extra_snippets])
+            peaks = np.concatenate([peaks, extra])
+            peak_units = np.concatenate([peak_units, label_data.unit_index[missed_labels]])
+            labels = np.concatenate([labels, np.full(extra.size, -1)])
+            confidence = np.concatenate([confidence, np.ones(extra.size, dtype=confidence.dtype)])
+        template_labels = labels  # the units as accm found them
+        labels, new_id, num_units, claimed_by = claim_units(labels, peak_units, num_curated)
+        labelled_only = np.setdiff1d(np.arange(num_curated), claimed_by)
+        # Template matching runs on the units as accm found them, in their order, so it finds the
+        # unlabelled units' spikes exactly as without labels; the curated units accm never found come
+        # after them, with the templates of their labelled spikes, and are renumbered afterwards.
+        to_final = np.concatenate([new_id, labelled_only]).astype("int64")
+        labelled = np.flatnonzero(peak_units >= 0)
+        confidence[labelled] = 1.0
+        log(f"curated units: {int((claimed_by >= 0).sum())} units claimed by {num_curated} curated units, "
+            f"{extra.size} undetected labelled spikes added; {num_units} units, {labelled_only.size} curated units "
+            f"known only from their labels")
+        merge_report["curated"] = dict(claimed_by=claimed_by.tolist(), undetected_labelled_spikes=int(extra.size))
     units = [np.flatnonzero(labels == u) for u in range(num_units)]
     templates = group_templates(snippets, peaks["channel_index"], table, units, num_channels, seed=seed)
     confidence_by_unit = np.array([float(confidence[idx].mean()) for idx in units])
     curated_ids = np.full(num_units, "", dtype=object)
-    if labelled.size:
-        for k, unit_id in enumerate(label_data.unit_ids):
-            for u in np.unique(labels[labelled[peak_units[labelled] == k]]):
-                if u >= 0:
-                    curated_ids[u] = str(unit_id)
+    if num_curated:
+        curated_ids[:num_curated] = [str(unit_id) for unit_id in label_data.unit_ids]
     log(f"{num_units} units, {int((labels >= 0).sum())} classified spikes")
+    if params["save_embeddings"]:
+        np.save(sorter_output_folder / "embeddings.npy", embeddings.astype("float16"))
+    # From here on only the traces, the peaks and their labels are needed. The per-spike arrays
+    # (snippets alone are 1.7 kB a spike) made peak memory grow with the recording's duration.
+    del snippets, embeddings, features, locations, amplitudes
 
     if params["matching_method"] != "none":
         timer.start("matching")
         from .matching import match_spikes, unit_templates
 
-        matching_templates = unit_templates(preprocessed, peaks, labels, num_units, noise_levels, params, job_kwargs)
+        # a curated unit accm never found has a template from a few labelled spikes: matched with the
+        # others it would take their spikes; it gets its own, FDR-controlled pass below
+        num_found = len(to_final) - labelled_only.size
+        matching_templates = unit_templates(preprocessed, peaks, template_labels, num_found, noise_levels, params,
+                                            job_kwargs)
         spikes = match_spikes(preprocessed, matching_templates, noise_levels, params, job_kwargs)
-        if labelled.size:
-            spikes = keep_labelled_spikes(spikes, peaks[labelled], labels[labelled], censor)
         log(f"template matching ({params['matching_method']}): {spikes.size} spikes of "
             f"{len(matching_templates.unit_ids)} units")
+        if params["duplicate_min_similarity"] < 1.0:
+            from .matching import join_duplicate_units
+
+            representative = np.arange(len(to_final))
+            found = join_duplicate_units(preprocessed, spikes, noise_levels, params, job_kwargs,
+                                         protected=np.flatnonzero(to_final < num_curated), log=log)
+            representative[:found.size] = found
+            spikes["unit_index"] = representative[spikes["unit_index"]]
+            final_map = np.arange(num_units + 1)
+            final_map[to_final] = to_final[representative]
+            labels = np.where(labels >= 0, final_map[labels], -1)
+        if num_curated:
+            from .curated import find_missed_spikes, join_templates
+
+            residual = residual_recording(preprocessed, np.transpose(matching_templates.get_dense_templates(), (0, 2, 1)),
+                                          matching_templates.nbefore, spikes,
+                                          np.searchsorted(matching_templates.unit_ids, spikes["unit_index"]),
+                                          spikes["amplitude"])
+            all_templates = matching_templates
+            if labelled_only.size:
+                only_labels = np.full(peaks.size, -1, dtype="int64")
+                for j, k in enumerate(labelled_only):
+                    only_labels[peak_units == k] = num_found + j
+                all_templates = join_templates(matching_templates, unit_templates(
+                    preprocessed, peaks, only_labels, len(to_final), noise_levels, params, job_kwargs))
+            missed, missed_report = find_missed_spikes(residual, all_templates, spikes,
+                                                       np.flatnonzero(to_final < num_curated), censor)
+            spikes = np.concatenate([spikes, missed])
+            merge_report["curated"]["missed_spikes"] = {int(to_final[u]): r for u, r in missed_report.items()}
+            log(f"curated units: {missed.size} spikes matching missed found on the residual "
+                f"({merge_report['curated']['missed_spikes']})")
+        spikes["unit_index"] = to_final[spikes["unit_index"]]
     else:
         spikes = spikes_from_labels(peaks, labels)
+    if num_curated:
+        spikes = keep_labelled_spikes(spikes, label_data, censor)
     spikes, kept_units = drop_rare_units(spikes, recording.get_total_duration(),
-                                         params["min_firing_rate"])
+                                         params["min_firing_rate"], protected=np.arange(num_curated))
     renumber = np.full(num_units + 1, -1, dtype="int64")  # the last entry maps -1 to -1
     renumber[kept_units] = np.arange(kept_units.size)
     labels = renumber[labels]  # peaks of dropped units count as discarded, like the sorting says
@@ -433,7 +523,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
 
     timer.start("save")
     sorting = build_sorting(spikes, sampling_frequency, num_units, recording.get_num_segments())
-    save_outputs(sorter_output_folder, params, peaks, labels, confidence, embeddings, encoder, losses,
+    save_outputs(sorter_output_folder, params, peaks, labels, confidence, encoder, losses,
                  merge_report, noise_levels, embed_rate, channel_locations, table, sampling_frequency, log)
     np.save(sorter_output_folder / "spikes.npy", spikes)
     write_sorting(sorting, sorter_output_folder, main_channel_ids, confidence_by_unit[kept_units],
@@ -482,15 +572,13 @@ def peak_amplitude(snippets, nbefore, peak_sign, half_window=3):
     return window[np.arange(window.shape[0]), np.abs(window).argmax(axis=1)].astype("float32")
 
 
-def save_outputs(folder: Path, params, peaks, labels, confidence, embeddings, encoder, losses, merge_report,
+def save_outputs(folder: Path, params, peaks, labels, confidence, encoder, losses, merge_report,
                  noise_levels, embed_rate, channel_locations, table, sampling_frequency, log):
     import torch
 
     np.save(folder / "peaks.npy", peaks)
     np.save(folder / "spike_labels.npy", labels)
     np.save(folder / "confidence.npy", confidence)
-    if params["save_embeddings"]:
-        np.save(folder / "embeddings.npy", embeddings.astype("float16"))
     np.save(folder / "noise_levels.npy", noise_levels)
     metadata = dict(
         accm_version=__version__,

@@ -5,7 +5,7 @@ import pytest
 import spikeinterface.sorters as ss
 from spikeinterface.core import NumpySorting
 
-from accm_sorter.labels import LabelsError, attach_labels, check_labels, load_label_sorting
+from accm_sorter.labels import LabelsError, check_labels, load_label_sorting
 from tests.conftest import FAST
 
 
@@ -32,6 +32,23 @@ def test_labelled_units_come_out_intact(short_gt, tmp_path):
         assert np.isin(wanted, found).all()
     log = (tmp_path / "run" / "sorter_output" / "accm.log").read_text()
     assert "labels: 2 curated units" in log
+
+
+def test_a_curated_unit_accm_never_found_comes_out_with_its_spikes(short_gt, tmp_path):
+    """Labels on times where no neuron fires: no unit claims them, the unit is built from the labels alone."""
+    recording, gt = short_gt
+    rng = np.random.default_rng(1)
+    times = np.sort(rng.choice(np.arange(1000, recording.get_num_samples() - 1000), 40, replace=False))
+    NumpySorting.from_unit_dict([{"ghost": times}], recording.sampling_frequency).save(folder=tmp_path / "ghost")
+    sorting = ss.run_sorter("accm", recording, folder=tmp_path / "run", labels=str(tmp_path / "ghost"), **FAST)
+    curated_ids = list(sorting.get_property("accm_curated_unit_id"))
+    assert curated_ids.count("ghost") == 1
+    ghost = sorting.unit_ids[curated_ids.index("ghost")]
+    assert np.isin(times, sorting.get_unit_spike_train(ghost)).all()
+    log = (tmp_path / "run" / "sorter_output" / "accm.log").read_text()
+    assert "1 curated units known only from their labels" in log
+    # noise has no template to find: the false-discovery control adds nothing
+    assert "curated units: 0 spikes matching missed found on the residual" in log
 
 
 def test_labels_beyond_the_recording_are_refused(short_gt, tmp_path):
@@ -64,16 +81,36 @@ def test_labels_other_errors(short_gt, tmp_path):
         check_labels(empty, recording)
 
 
-def test_attach_labels_matches_and_adds_missing_spikes():
+def test_label_peaks_matches_without_moving_peaks():
     from spikeinterface.core.node_pipeline import base_peak_dtype
+
+    from accm_sorter.labels import Labels, label_peaks, peaks_for_missed_labels
 
     peaks = np.zeros(3, dtype=base_peak_dtype)
     peaks["sample_index"] = [100, 500, 900]
     peaks["channel_index"] = [2, 3, 2]
-    from accm_sorter.labels import Labels
-
     labels = Labels(np.array(["u"]), np.zeros(3, "int64"), np.array([103, 700, 901]), np.zeros(3, "int64"))
-    out, units = attach_labels(peaks, labels, 30000.0)
-    assert out["sample_index"].tolist() == [103, 500, 700, 901]  # curated times win
-    assert units.tolist() == [0, -1, 0, 0]
-    assert out["channel_index"][2] == 2  # the unit's main channel
+    units, missed = label_peaks(peaks, labels, 30000.0)
+    assert units.tolist() == [0, -1, 0]
+    assert missed.tolist() == [1]  # 700 is 200 samples from any peak
+    assert peaks["sample_index"].tolist() == [100, 500, 900]  # the self-supervised stages see the same peaks
+    extra = peaks_for_missed_labels(peaks, units, labels, missed)
+    assert extra["sample_index"].tolist() == [700] and extra["channel_index"].tolist() == [2]  # the unit's channel
+    # missed spikes of several units come back in time order (the snippet pipeline reads chunks in order)
+    two = Labels(np.array(["u", "v"]), np.zeros(3, "int64"), np.array([800, 300, 900]), np.array([0, 1, 0]))
+    units, missed = label_peaks(peaks, two, 30000.0)
+    assert peaks_for_missed_labels(peaks, units, two, missed)["sample_index"].tolist() == [300, 800]
+
+
+def test_claim_units_renumbers_curated_first_and_merges_their_parts():
+    from accm_sorter.curated import claim_units
+
+    # units 0 and 2 hold curated unit 0's labelled spikes (an over-split neuron), unit 1 one stray one
+    # the last six are labelled spikes detection missed (no unit): they do not dilute the shares
+    labels = np.array([0, 0, 0, 2, 2, 1, 1, 1, 1, -1] + [-1] * 6)
+    peak_units = np.array([0, 0, -1, 0, 0, -1, -1, -1, 0, 0] + [0] * 6)
+    out, new_id, num_units, claimed_by = claim_units(labels, peak_units, num_curated=1)
+    assert new_id.tolist() == [0, 1, 0]
+    assert claimed_by.tolist() == [0, -1, 0]
+    assert num_units == 2
+    assert out.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 0, 0] + [0] * 6  # labelled spikes go to their curated unit

@@ -166,17 +166,72 @@ def test_template_matching_finds_ground_truth_spikes(short_gt):
     assert (perf["accuracy"].astype(float) >= 0.9).sum() >= 6, perf
 
 
-def test_labelled_spikes_override_contradicting_matches():
+def test_labelled_spikes_stay_in_their_unit_without_touching_other_units():
+    from accm_sorter.labels import Labels
     from accm_sorter.matching import spike_dtype
     from accm_sorter.pipeline import drop_rare_units, keep_labelled_spikes
 
-    spikes = np.zeros(4, dtype=spike_dtype)
-    spikes["sample_index"] = [100, 200, 300, 400]
-    spikes["unit_index"] = [0, 1, 1, 0]
-    labelled = np.zeros(2, dtype=[("sample_index", "int64"), ("segment_index", "int64")])
-    labelled["sample_index"] = [201, 500]  # one contradicts a match, one was missed by matching
-    out = keep_labelled_spikes(spikes, labelled, np.array([0, 0]), censor_samples=6)
-    assert list(out["sample_index"]) == [100, 201, 300, 400, 500]
-    assert list(out["unit_index"]) == [0, 0, 1, 0, 0]
-    kept_spikes, kept = drop_rare_units(out, total_duration_s=10.0, min_firing_rate=0.15)
+    spikes = np.zeros(5, dtype=spike_dtype)
+    spikes["sample_index"] = [100, 200, 300, 398, 400]
+    spikes["unit_index"] = [0, 1, 1, 0, 1]
+    # labelled spikes of unit 0: one near a unit-1 match (a collision: both stay), one near unit 0's
+    # own match (replaced: the curator's time wins), one that matching missed (added)
+    labelled = Labels(np.array(["a"]), np.zeros(3, "int64"), np.array([201, 400, 500]), np.zeros(3, "int64"))
+    out = keep_labelled_spikes(spikes, labelled, censor_samples=6)
+    assert list(zip(out["sample_index"].tolist(), out["unit_index"].tolist())) == [
+        (100, 0), (200, 1), (201, 0), (300, 1), (400, 1), (400, 0), (500, 0)]
+    kept_spikes, kept = drop_rare_units(out, total_duration_s=10.0, min_firing_rate=0.35)
     assert list(kept) == [0] and (kept_spikes["unit_index"] == 0).all() and kept_spikes.size == 4
+    # a curated unit stays however rarely it fires
+    _, kept = drop_rare_units(out, total_duration_s=10.0, min_firing_rate=0.35, protected=[1])
+    assert list(kept) == [0, 1]
+
+
+def test_missed_curated_spikes_are_found_on_the_residual_at_a_controlled_fdr():
+    """A small unit matching never found: the matched filter of its template recovers its spikes."""
+    from spikeinterface.core import NumpyRecording, Templates
+
+    from accm_sorter.curated import find_missed_spikes
+    from accm_sorter.matching import spike_dtype
+
+    rng = np.random.default_rng(0)
+    fs, n, t_len = 30000.0, 30000 * 20, 60
+    template = np.zeros((t_len, 4), "float32")
+    shape = -np.exp(-0.5 * ((np.arange(t_len) - 20) / 3.0) ** 2) + 0.4 * np.exp(-0.5 * ((np.arange(t_len) - 32) / 6.0) ** 2)
+    template[:] = shape[:, None] * np.array([3.0, 2.0, 1.5, 1.0])  # peak 3 noise levels on the best channel
+    times = np.sort(rng.choice(np.arange(100, n - 100, 300), 400, replace=False))
+    traces = rng.normal(size=(n, 4)).astype("float32")
+    for t in times:
+        traces[t - 20:t + 40] += template
+    recording = NumpyRecording([traces], fs)
+    templates = Templates(templates_array=template[None], sampling_frequency=fs, nbefore=20,
+                          channel_ids=recording.channel_ids, unit_ids=np.array([0]), is_in_uV=False)
+    known = np.zeros(40, dtype=spike_dtype)  # matching found only a tenth
+    known["sample_index"] = times[:40]
+    found, report = find_missed_spikes(recording, templates, known, [0], censor_samples=30)
+    hit = np.abs(found["sample_index"][:, None] - times[None, :]).min(axis=1) <= 2
+    assert (found["unit_index"] == 0).all()
+    # measured: 360 of 360 found, none false (threshold 0.66 x the template, 78 null peaks above 0.5)
+    assert hit.sum() >= 0.8 * 360, report  # most of the 360 missed spikes
+    assert (~hit).sum() <= 0.1 * found.size, report  # and few false ones
+
+
+def test_duplicate_units_are_joined_unless_their_trains_collide():
+    from accm_sorter.split import merge_duplicate_units
+
+    rng = np.random.default_rng(0)
+    shape = np.sin(np.linspace(0, 3, 40))[None, :] * np.array([[5.0], [3.0], [1.0]])
+    other = np.cos(np.linspace(0, 3, 40))[None, :] * np.array([[1.0], [3.0], [5.0]])
+    nearly = shape + 0.4 * np.cos(np.linspace(0, 9, 40))[None, :]  # cosine ~0.99 with shape
+    templates = np.stack([shape, shape * 1.05, other, nearly]).astype("float32")  # 0, 1 and 3 look alike
+    total = 30000 * 60
+    # one neuron (2 ms refractory period) cut in two pieces: 0 and 1 never fire within 2 ms of each other
+    neuron = np.cumsum(60 + rng.exponential(total / 800 - 60, 800)).astype("int64")
+    t0, t1 = neuron[0::2], neuron[1::2]
+    t2 = np.sort(rng.choice(total, 400, replace=False))
+    t3 = t0 + 15  # 0.5 ms after every spike of unit 0: two neurons, not one
+    samples = np.concatenate([t0, t1, t2, t3])
+    labels = np.repeat(np.arange(4), 400)
+    out, report = merge_duplicate_units(labels, templates, samples, total, 30000.0, min_similarity=0.97)
+    assert [(r["a"], r["b"]) for r in report] == [(0, 1)]
+    assert out.max() == 2 and (out[:800] == out[0]).all() and len(set(out[800:].tolist()) - {out[0]}) == 2
