@@ -100,7 +100,9 @@ STAGES = (
 PARAMETERS: tuple[Parameter, ...] = (
     # --- general -------------------------------------------------------------------------
     Parameter("device", "auto", str, "general",
-              "Torch device for training and inference: 'auto' uses CUDA when available, else CPU.",
+              "Torch device for training and inference: 'auto' uses CUDA when available, else CPU. On CUDA, "
+              "inference runs in float16 (autocast), training in float32; GPU results may differ from CPU "
+              "results in the last digits and are not guaranteed identical between runs.",
               choices=("auto", "cpu", "cuda")),
     Parameter("seed", 0, int, "general",
               "Seed for every random choice (spike subsampling, augmentations, network initialisation). "
