@@ -54,8 +54,7 @@ def claim_units(labels, peak_units, num_curated):
     return out, new_id, num_curated + unclaimed.size, claimed_by
 
 
-def find_missed_spikes(residual, templates, spikes, curated_units, censor_samples, job_kwargs=None,
-                       fdr=MISSED_SPIKES_FDR):
+def find_missed_spikes(residual, templates, spikes, curated_units, censor_samples, fdr=MISSED_SPIKES_FDR):
     """Spikes of ``curated_units`` that template matching missed, found on the residual traces.
 
     ``templates`` is a SpikeInterface ``Templates`` (unit ids = unit numbers), ``spikes`` the matched
@@ -142,17 +141,13 @@ def _similar_units(dense, row, channels):
 
 def _near(candidates, spikes, window):
     """True where a candidate (segment, sample, score) lies within ``window`` samples of a spike."""
+    from .sorting_tools import distance_to_nearest
+
     near = np.zeros(candidates.shape[0], dtype=bool)
     for seg in np.unique(candidates[:, 0]).astype("int64"):
         mine = np.flatnonzero(candidates[:, 0] == seg)
         times = np.sort(spikes["sample_index"][spikes["segment_index"] == seg])
-        if times.size == 0:
-            continue
-        t = candidates[mine, 1].astype("int64")
-        pos = np.searchsorted(times, t)
-        before = np.abs(t - times[np.clip(pos - 1, 0, times.size - 1)])
-        after = np.abs(times[np.clip(pos, 0, times.size - 1)] - t)
-        near[mine] = np.minimum(before, after) < window
+        near[mine] = distance_to_nearest(times, candidates[mine, 1].astype("int64")) < window
     return near
 
 

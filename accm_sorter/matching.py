@@ -95,6 +95,7 @@ def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, pr
     spikes came out as four units whose matched templates have cosine 0.996-1.0). Returns an array
     mapping each unit number to the unit it is joined to (itself when none).
     """
+    from .sorting_tools import global_sample_index
     from .split import merge_duplicate_units
 
     num_units = int(spikes["unit_index"].max()) + 1 if spikes.size else 0
@@ -104,11 +105,9 @@ def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, pr
     templates = unit_templates(recording, spikes, spikes["unit_index"], num_units, noise_levels, params, job_kwargs)
     dense = np.zeros((num_units, templates.num_samples, recording.get_num_channels()), dtype="float32")
     dense[np.asarray(templates.unit_ids)] = templates.get_dense_templates()
-    lengths = [recording.get_num_samples(seg) for seg in range(recording.get_num_segments())]
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype("int64")
-    samples = spikes["sample_index"] + offsets[spikes["segment_index"]]
+    samples, total_samples = global_sample_index(spikes, recording)
     joined, report = merge_duplicate_units(spikes["unit_index"], np.transpose(dense, (0, 2, 1)), samples,
-                                           int(sum(lengths)), recording.sampling_frequency,
+                                           total_samples, recording.sampling_frequency,
                                            params["duplicate_min_similarity"], protected=protected, log=log)
     for group in np.unique(joined):
         members = np.unique(spikes["unit_index"][joined == group])

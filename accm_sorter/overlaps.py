@@ -119,14 +119,10 @@ def refractory_repeats(new_samples, new_labels, old_samples, old_labels, window:
     A neuron cannot fire twice that fast, so such a spike is what was left of an existing spike
     after subtracting its template, not a spike that another one had masked.
     """
+    from .sorting_tools import distance_to_nearest
+
     repeat = np.zeros(new_samples.size, dtype=bool)
     for unit in np.unique(new_labels[new_labels >= 0]):
-        old = np.sort(old_samples[old_labels == unit])
         mine = np.flatnonzero(new_labels == unit)
-        if old.size == 0:
-            continue
-        pos = np.searchsorted(old, new_samples[mine])
-        before = np.abs(new_samples[mine] - old[np.clip(pos - 1, 0, old.size - 1)])
-        after = np.abs(old[np.clip(pos, 0, old.size - 1)] - new_samples[mine])
-        repeat[mine] = np.minimum(before, after) <= window
+        repeat[mine] = distance_to_nearest(np.sort(old_samples[old_labels == unit]), new_samples[mine]) <= window
     return repeat

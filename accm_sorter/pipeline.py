@@ -24,7 +24,7 @@ from .encoder_io import save_encoder
 from .overlaps import refractory_repeats, residual_recording, resolve_overlaps, template_amplitude_scale
 from .pairwise import assign_spikes, build_prototypes, group_templates, merge_clusters, train_spike_classifier
 from .preprocess import cache_recording, preprocess_recording
-from .sorting_tools import with_all_segments
+from .sorting_tools import distance_to_nearest, global_sample_index, with_all_segments
 from .snippets import (
     estimate_locations,
     extract_snippets,
@@ -88,13 +88,6 @@ class StageTimer:
         return self.timings
 
 
-def global_sample_index(peaks, recording) -> tuple[np.ndarray, int]:
-    """Sample indices on one timeline across segments, and its length (for rates and refractory tests)."""
-    lengths = [recording.get_num_samples(s) for s in range(recording.get_num_segments())]
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype("int64")
-    return peaks["sample_index"] + offsets[peaks["segment_index"]], int(sum(lengths))
-
-
 def build_sorting(spikes, sampling_frequency, num_units, num_segments):
     from spikeinterface.core import NumpySorting
 
@@ -136,10 +129,7 @@ def keep_labelled_spikes(spikes, label_data, censor_samples):
     for seg, unit in {(int(s), int(u)) for s, u in zip(forced["segment_index"], forced["unit_index"])}:
         mine = np.flatnonzero((spikes["segment_index"] == seg) & (spikes["unit_index"] == unit))
         times = np.sort(forced["sample_index"][(forced["segment_index"] == seg) & (forced["unit_index"] == unit)])
-        pos = np.searchsorted(times, spikes["sample_index"][mine])
-        before = np.abs(spikes["sample_index"][mine] - times[np.clip(pos - 1, 0, times.size - 1)])
-        after = np.abs(times[np.clip(pos, 0, times.size - 1)] - spikes["sample_index"][mine])
-        clash[mine] = np.minimum(before, after) < censor_samples
+        clash[mine] = distance_to_nearest(times, spikes["sample_index"][mine]) < censor_samples
     merged = np.concatenate([spikes[~clash], forced])
     return merged[np.lexsort((merged["sample_index"], merged["segment_index"]))]
 
@@ -480,7 +470,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                                          protected=np.flatnonzero(to_final < num_curated), log=log)
             representative[:found.size] = found
             spikes["unit_index"] = representative[spikes["unit_index"]]
-            final_map = np.arange(num_units + 1)
+            final_map = np.arange(num_units)
             final_map[to_final] = to_final[representative]
             labels = np.where(labels >= 0, final_map[labels], -1)
         if num_curated:

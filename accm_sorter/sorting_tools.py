@@ -1,6 +1,25 @@
-"""Small helpers on SpikeInterface sortings shared by several stages."""
+"""Small helpers on spike times and SpikeInterface sortings shared by several stages."""
 
 from __future__ import annotations
+
+import numpy as np
+
+
+def global_sample_index(spikes, recording) -> tuple[np.ndarray, int]:
+    """Sample indices on one timeline across segments, and its length (for rates and refractory tests)."""
+    lengths = [recording.get_num_samples(s) for s in range(recording.get_num_segments())]
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype("int64")
+    return spikes["sample_index"] + offsets[spikes["segment_index"]], int(sum(lengths))
+
+
+def distance_to_nearest(sorted_times: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """Distance (samples) from each of ``samples`` to the nearest of ``sorted_times`` (inf when there is none)."""
+    if sorted_times.size == 0:
+        return np.full(samples.shape, np.inf)
+    pos = np.searchsorted(sorted_times, samples)
+    before = np.abs(samples - sorted_times[np.clip(pos - 1, 0, sorted_times.size - 1)])
+    after = np.abs(sorted_times[np.clip(pos, 0, sorted_times.size - 1)] - samples)
+    return np.minimum(before, after)
 
 
 def with_all_segments(sorting, num_segments: int):
