@@ -145,8 +145,15 @@ PARAMETERS: tuple[Parameter, ...] = (
     # --- detect --------------------------------------------------------------------------
     Parameter("peak_sign", "neg", str, "detect", "Sign of the spike peaks to detect.",
               choices=("neg", "pos", "both")),
+    Parameter("detect_method", "locally_exclusive", str, "detect",
+              "'locally_exclusive': threshold each sample of each channel. 'matched_filtering': threshold the "
+              "traces filtered by the recording's typical spike waveform and pooled over nearby channels (finds "
+              "more small spikes, but the clustering does not yet separate them: fewer units on low-snr, see "
+              "docs/method.md; peak_sign 'both' falls back to the plain threshold).",
+              choices=("matched_filtering", "locally_exclusive")),
     Parameter("detect_threshold", 5.0, float, "detect",
-              "Detection threshold in multiples of the noise level (MAD) of each channel.", low=1.0, high=100.0),
+              "Detection threshold in multiples of the noise level (MAD) of each channel, or of the "
+              "matched filter's output.", low=1.0, high=100.0),
     Parameter("detect_radius_um", 50.0, float, "detect",
               "A peak is kept only if it is the largest within this radius and the exclusion window.",
               low=0.0, high=10000.0),
@@ -246,6 +253,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("split_max_similarity", 0.9, float, "pairwise",
               "A unit is split in two (or more) when PCA + HDBSCAN of its own waveforms finds parts whose mean "
               "waveforms have a cosine similarity below this; 0 turns splitting off.", low=0.0, high=1.0),
+    Parameter("split_max_depth", 3, int, "pairwise",
+              "How many times the parts of a split unit are themselves tried for a split (1 = only the units "
+              "as clustered). A crowded site can hide three or four neurons in one cluster, and one PCA "
+              "of the mixture separates only the most different one.", low=1, high=10),
     Parameter("duplicate_min_similarity", 0.97, float, "pairwise",
               "Two units are joined when their mean waveforms have a cosine similarity of at least this (peak "
               "amplitudes within 20 %, no refractory-period collisions between them): once after splitting, "

@@ -19,7 +19,7 @@ import numpy as np
 from . import __version__
 from .cluster import cluster_features, fit_feature_scaling
 from .curation import remove_duplicate_spikes, remove_rare_units
-from .detect import detect_spikes, estimate_noise_levels
+from .detect import detect_spikes, estimate_noise_levels, spike_prototype
 from .encoder_io import save_encoder
 from .overlaps import refractory_repeats, residual_recording, resolve_overlaps, template_amplitude_scale
 from .pairwise import assign_spikes, build_prototypes, group_templates, merge_clusters, train_spike_classifier
@@ -212,8 +212,9 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
 
     timer.start("detect")
     noise_levels = estimate_noise_levels(preprocessed, seed, job_kwargs)
-    peaks = detect_spikes(preprocessed, noise_levels, params, job_kwargs)
-    log(f"{peaks.size} spikes detected")
+    prototype = spike_prototype(preprocessed, noise_levels, params, job_kwargs)
+    peaks = detect_spikes(preprocessed, noise_levels, params, job_kwargs, prototype)
+    log(f"{peaks.size} spikes detected ({'matched filter' if prototype is not None else 'plain threshold'})")
     if peaks.size < params["min_spikes"]:
         timer.finish()
         return empty_result(recording, sorter_output_folder,
@@ -351,7 +352,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             scales[assigned] = template_amplitude_scale(snippets, unit_templates, labels, peaks["channel_index"],
                                                         table, assigned)
             residual = residual_recording(preprocessed, unit_templates, nbefore, peaks, labels, scales)
-            new_peaks = detect_spikes(residual, noise_levels, params, job_kwargs)
+            new_peaks = detect_spikes(residual, noise_levels, params, job_kwargs, prototype)
             refractory = int(round(params["overlap_max_lag_ms"] * sampling_frequency / 1000))
             kept = []
             # in blocks: the residual has as many peaks as the recording, and only a few are kept
@@ -393,6 +394,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
 
         labels, split_report = split_mixed_units(labels, snippets, peaks["channel_index"], table,
                                                  params["min_cluster_size"], params["split_max_similarity"], seed,
+                                                 max_depth=params["split_max_depth"],
                                                  log=log)
         merge_report["splits"] = split_report
         num_units = int(labels.max()) + 1

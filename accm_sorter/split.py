@@ -35,15 +35,21 @@ def aligned_waveforms(snippets, main_channels, channel_table, index, target_chan
 
 
 def split_mixed_units(labels, snippets, main_channels, channel_table, min_cluster_size, max_similarity, seed,
-                      protected=(), log=None) -> tuple[np.ndarray, list]:
-    """Labels with mixed units split into their parts (new units numbered after the existing ones)."""
+                      max_depth=1, protected=(), log=None) -> tuple[np.ndarray, list]:
+    """Labels with mixed units split into their parts (new units numbered after the existing ones).
+
+    The parts of a split are tried again, each with its own PCA, up to ``max_depth`` levels: the
+    first PCA of a mixture of several neurons is dominated by the most different one.
+    """
     from sklearn.decomposition import PCA
 
     labels = labels.copy()
     rng = np.random.default_rng(seed)
     report = []
     num_units = int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
-    for unit in np.setdiff1d(np.arange(num_units), protected):
+    queue = [(int(unit), 1) for unit in np.setdiff1d(np.arange(num_units), protected)]
+    while queue:
+        unit, depth = queue.pop(0)
         index = np.flatnonzero(labels == unit)
         if index.size < 4 * min_cluster_size:
             continue
@@ -69,7 +75,9 @@ def split_mixed_units(labels, snippets, main_channels, channel_table, min_cluste
         nearest = np.linalg.norm(pca.transform(flat)[:, None, :] - projected_means[None], axis=2).argmin(axis=1)
         new_ids = np.concatenate([[unit], labels.max() + 1 + np.arange(num_parts - 1)])
         labels[chosen] = new_ids[nearest]
-        report.append(dict(unit=int(unit), parts=num_parts, min_similarity=round(float(similarity), 3),
+        if depth < max_depth:
+            queue.extend((int(part), depth + 1) for part in new_ids)
+        report.append(dict(unit=int(unit), depth=depth, parts=num_parts, min_similarity=round(float(similarity), 3),
                            sizes=np.bincount(nearest, minlength=num_parts).tolist()))
         if log is not None:
             log(f"split unit {unit} into {num_parts} (waveform similarity {similarity:.2f})")

@@ -235,3 +235,58 @@ def test_duplicate_units_are_joined_unless_their_trains_collide():
     out, report = merge_duplicate_units(labels, templates, samples, total, 30000.0, min_similarity=0.97)
     assert [(r["a"], r["b"]) for r in report] == [(0, 1)]
     assert out.max() == 2 and (out[:800] == out[0]).all() and len(set(out[800:].tolist()) - {out[0]}) == 2
+
+
+def test_parts_of_a_split_are_split_again_up_to_max_depth():
+    """Three neurons in one unit: the first PCA separates the odd one out, only a second look splits the rest."""
+    from accm_sorter.split import split_mixed_units
+
+    rng = np.random.default_rng(1)
+    t = np.linspace(0, 1, 40)
+    wave = -np.exp(-((t - 0.3) / 0.05) ** 2) + 0.4 * np.exp(-((t - 0.5) / 0.1) ** 2)
+    late_bump = 0.6 * np.exp(-((t - 0.7) / 0.05) ** 2)
+    shapes = [np.array([6, 4, 2, 1.0])[:, None] * wave,
+              np.array([1, 2, 4, 6.0])[:, None] * wave,
+              np.array([1.5, 2.5, 4.5, 5.0])[:, None] * (wave + late_bump)]
+    n = 600
+    snippets = np.concatenate([s[None] + rng.normal(0, 0.5, (n, 4, 40)) for s in shapes]).astype("float32")
+    truth = np.repeat(np.arange(3), n)
+    labels = np.zeros(3 * n, dtype="int64")
+    table = np.tile(np.arange(4), (4, 1))
+    main_channels = np.zeros(3 * n, dtype="int64")
+
+    once, report = split_mixed_units(labels, snippets, main_channels, table, 20, 0.9, seed=0, max_depth=1)
+    assert once.max() == 1 and [r["depth"] for r in report] == [1]
+    again, report = split_mixed_units(labels, snippets, main_channels, table, 20, 0.9, seed=0, max_depth=3)
+    assert again.max() == 2 and [r["depth"] for r in report] == [1, 2]
+    for neuron in range(3):  # each neuron is one unit, and each unit one neuron
+        counts = np.bincount(again[truth == neuron], minlength=3)
+        assert counts.max() >= 0.98 * n, (neuron, counts)
+    assert len({int(np.bincount(again[truth == k]).argmax()) for k in range(3)}) == 3
+
+
+def test_matched_filter_detection_finds_the_ground_truth_spikes(short_gt):
+    from spikeinterface.core.node_pipeline import base_peak_dtype
+    from spikeinterface.preprocessing import bandpass_filter
+
+    from accm_sorter.detect import detect_spikes, estimate_noise_levels, spike_prototype
+    from accm_sorter.params import validate_params
+
+    recording, gt = short_gt
+    recording = bandpass_filter(recording, freq_min=300.0, freq_max=6000.0, dtype="float32")
+    job_kwargs = dict(n_jobs=1, chunk_duration="1s", progress_bar=False)
+    noise = estimate_noise_levels(recording, 0, job_kwargs)
+    truth = np.sort(gt.to_spike_vector()["sample_index"])
+    recall = {}
+    for method in ("locally_exclusive", "matched_filtering"):
+        params = validate_params({"detect_method": method})
+        prototype = spike_prototype(recording, noise, params, job_kwargs)
+        assert (prototype is None) == (method == "locally_exclusive")
+        peaks = detect_spikes(recording, noise, params, job_kwargs, prototype)
+        assert peaks.dtype == base_peak_dtype and np.all(np.diff(peaks["sample_index"]) >= 0)
+        found = np.sort(peaks["sample_index"])
+        nearest = np.clip(np.searchsorted(found, truth), 1, found.size - 1)
+        distance = np.minimum(np.abs(found[nearest] - truth), np.abs(found[nearest - 1] - truth))
+        recall[method] = float(np.mean(distance <= 5))
+    assert prototype[int(round(params["ms_before"] * 30))] == prototype.min()  # negative peak at the centre
+    assert recall["matched_filtering"] >= recall["locally_exclusive"] - 0.02 and recall["matched_filtering"] > 0.6, recall
