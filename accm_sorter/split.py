@@ -35,7 +35,7 @@ def aligned_waveforms(snippets, main_channels, channel_table, index, target_chan
 
 
 def split_mixed_units(labels, snippets, main_channels, channel_table, min_cluster_size, max_similarity, seed,
-                      max_depth=1, protected=(), log=None) -> tuple[np.ndarray, list]:
+                      max_depth, protected=(), log=None) -> tuple[np.ndarray, list]:
     """Labels with mixed units split into their parts (new units numbered after the existing ones).
 
     The parts of a split are tried again, each with its own PCA, up to ``max_depth`` levels: the
