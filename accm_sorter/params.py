@@ -148,8 +148,8 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("detect_method", "locally_exclusive", str, "detect",
               "'locally_exclusive': threshold each sample of each channel. 'matched_filtering': threshold the "
               "traces filtered by the recording's typical spike waveform and pooled over nearby channels (finds "
-              "more small spikes, but the clustering does not yet separate them: fewer units on low-snr, see "
-              "docs/method.md; peak_sign 'both' falls back to the plain threshold).",
+              "more small spikes, but on crowded sites also collision and noise peaks that become false units: "
+              "see docs/method.md; peak_sign 'both' falls back to the plain threshold).",
               choices=("matched_filtering", "locally_exclusive")),
     Parameter("detect_threshold", 5.0, float, "detect",
               "Detection threshold in multiples of the noise level (MAD) of each channel, or of the "
@@ -257,6 +257,18 @@ PARAMETERS: tuple[Parameter, ...] = (
               "How many times the parts of a split unit are themselves tried for a split (1 = only the units "
               "as clustered). A crowded site can hide three or four neurons in one cluster, and one PCA "
               "of the mixture separates only the most different one.", low=1, high=10),
+    Parameter("split_waveforms", "snippets", str, "pairwise",
+              "What a unit's split looks at: 'snippets' (each spike's own snippet, on the channels of the "
+              "unit's main channel; spikes whose snippet lacks one of them are left out) or 'unit_channels' "
+              "(every spike cut again from the traces on the unit's channels). 'unit_channels' separates two "
+              "neurons peaking on different channels that 'snippets' sees as one, and is the one to use with "
+              "detect_method='matched_filtering' (low-snr 17 -> 20/25); with the plain threshold it lost "
+              "units on low-snr (see docs/method.md).", choices=("snippets", "unit_channels")),
+    Parameter("split_clusterer", "hdbscan", str, "pairwise",
+              "How a unit's own waveforms are cut into parts: 'hdbscan' (density) or 'isosplit' "
+              "(SpikeInterface's: k-means parts joined again wherever their 1-D projection shows no dip; it "
+              "separates touching clouds HDBSCAN keeps whole, but cuts more collision parts out, and its numba "
+              "code compiles for about 20 s on first use in each process).", choices=("hdbscan", "isosplit")),
     Parameter("duplicate_min_similarity", 0.97, float, "pairwise",
               "Two units are joined when their mean waveforms have a cosine similarity of at least this (peak "
               "amplitudes within 20 %, no refractory-period collisions between them): once after splitting, "

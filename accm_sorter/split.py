@@ -19,6 +19,7 @@ PCA_COMPONENTS = 6
 MAX_SPIKES_PER_SPLIT = 4000
 MAX_LAG_SAMPLES = 2
 DUPLICATE_AMPLITUDE_RATIO = 0.8
+ISOCUT_THRESHOLD = 2.0
 
 
 def aligned_waveforms(snippets, main_channels, channel_table, index, target_channels):
@@ -34,12 +35,76 @@ def aligned_waveforms(snippets, main_channels, channel_table, index, target_chan
     return chosen, waves
 
 
-def split_mixed_units(labels, snippets, main_channels, channel_table, min_cluster_size, max_similarity, seed,
-                      max_depth, protected=(), log=None) -> tuple[np.ndarray, list]:
+def waveforms_from_snippets(snippets, main_channels, channel_table):
+    """Waveform source for :func:`split_mixed_units`: a set of spikes on the channels of the one most
+    of them peak on (half its local-channel row), out of their own snippets; spikes whose snippet
+    lacks one of those channels are left out."""
+
+    def waveforms_of(index):
+        main = np.bincount(main_channels[index]).argmax()
+        target = channel_table[main][: max(1, channel_table.shape[1] // 2)]
+        return aligned_waveforms(snippets, main_channels, channel_table, index, target)
+
+    return waveforms_of
+
+
+def unit_centred_waveforms(recording, peaks, labels, channel_table, nbefore, nafter, job_kwargs):
+    """Each assigned spike cut on its unit's channels: the first half of the unit's main-channel row.
+
+    A unit's spikes have different main channels (two neurons 15 um apart, or one whose spikes
+    peak on either of two channels), and a snippet holds only its own spike's neighbourhood:
+    comparing them on common channels out of the snippets dropped two thirds of one neuron's
+    spikes from a two-neuron unit (low-snr, seed 2002), so the split never saw it. Rows of
+    unassigned spikes are zero.
+    """
+    from .snippets import extract_snippets
+
+    half = channel_table[:, : max(1, channel_table.shape[1] // 2)]
+    waveforms = np.zeros((peaks.size, half.shape[1], nbefore + nafter), dtype="float32")
+    assigned = np.flatnonzero(labels >= 0)
+    if assigned.size == 0:
+        return waveforms
+    num_units = int(labels.max()) + 1
+    unit_main = np.zeros(num_units, dtype="int64")
+    for unit in range(num_units):
+        mine = peaks["channel_index"][labels == unit]
+        if mine.size:
+            unit_main[unit] = np.bincount(mine).argmax()
+    centred = peaks[assigned].copy()
+    centred["channel_index"] = unit_main[labels[assigned]]
+    order = np.lexsort((centred["sample_index"], centred["segment_index"]))
+    waveforms[assigned[order]] = extract_snippets(recording, centred[order], half, nbefore, nafter, job_kwargs)
+    return waveforms
+
+
+def find_parts(features, min_cluster_size, clusterer, seed):
+    """Part labels (-1 = none) of one unit's PCA features."""
+    if clusterer == "hdbscan":
+        return cluster_features(features, max(min_cluster_size, features.shape[0] // 20))[0]
+    from spikeinterface.sortingcomponents.clustering.isosplit_isocut import isosplit
+
+    # isosplit starts from an over-clustering by k-means and joins neighbours whose 1-D projection
+    # has no dip; n_init as SpikeInterface's local split uses it (a unit rarely hides more than 4-5)
+    n_init = int(min(15, max(2, features.shape[0] // (2 * min_cluster_size))))
+    parts = isosplit(features, n_init=n_init, min_cluster_size=min_cluster_size, max_iterations_per_pass=500,
+                     isocut_threshold=ISOCUT_THRESHOLD, seed=seed)
+    # small parts are mostly collisions with another unit's spike: they join their nearest part
+    # below instead of becoming units of their own
+    sizes = np.bincount(parts)
+    small = sizes < max(min_cluster_size, features.shape[0] // 20)
+    return np.where(small[parts], -1, parts)
+
+
+def split_mixed_units(labels, waveforms_of, min_cluster_size, max_similarity, seed, max_depth, clusterer,
+                      protected=(), log=None) -> tuple[np.ndarray, list]:
     """Labels with mixed units split into their parts (new units numbered after the existing ones).
 
-    The parts of a split are tried again, each with its own PCA, up to ``max_depth`` levels: the
-    first PCA of a mixture of several neurons is dominated by the most different one.
+    ``waveforms_of(index)`` returns the spikes of ``index`` it has waveforms for and those
+    waveforms (spikes, channels, samples), all on one channel set: :func:`waveforms_from_snippets`
+    or, from :func:`unit_centred_waveforms`, ``lambda index: (index, waveforms[index])``. Spikes
+    left out keep their unit. The parts of a split are tried again, each with its own PCA,
+    up to ``max_depth`` levels: the first PCA of a mixture of several neurons is dominated by the
+    most different one.
     """
     from sklearn.decomposition import PCA
 
@@ -53,25 +118,26 @@ def split_mixed_units(labels, snippets, main_channels, channel_table, min_cluste
         index = np.flatnonzero(labels == unit)
         if index.size < 4 * min_cluster_size:
             continue
-        main = np.bincount(main_channels[index]).argmax()
-        target = channel_table[main][: max(1, channel_table.shape[1] // 2)]
-        chosen, waves = aligned_waveforms(snippets, main_channels, channel_table, index, target)
+        chosen, waves = waveforms_of(index)
         if chosen.size < 4 * min_cluster_size:
             continue
-        fit = rng.choice(chosen.size, min(chosen.size, MAX_SPIKES_PER_SPLIT), replace=False)
-        flat = waves.reshape(waves.shape[0], -1)
+        fit = np.sort(rng.choice(chosen.size, min(chosen.size, MAX_SPIKES_PER_SPLIT), replace=False))
+        flat = waves.reshape(chosen.size, -1)
         pca = PCA(min(PCA_COMPONENTS, flat.shape[1]), random_state=seed).fit(flat[fit])
-        parts, _ = cluster_features(pca.transform(flat[fit]), max(min_cluster_size, fit.size // 20))
-        num_parts = int(parts.max()) + 1
-        if num_parts < 2:
+        parts = find_parts(pca.transform(flat[fit]), min_cluster_size, clusterer, seed)
+        kept_parts = np.unique(parts[parts >= 0])
+        if kept_parts.size < 2:
             continue
-        means = np.stack([waves[fit][parts == p].mean(axis=0) for p in range(num_parts)])
-        similarity = min(template_similarity(means[a], means[b], MAX_LAG_SAMPLES)[0]
+        parts = np.where(parts >= 0, np.searchsorted(kept_parts, parts), -1)
+        num_parts = kept_parts.size
+        means = np.stack([flat[fit][parts == p].mean(axis=0) for p in range(num_parts)])
+        shape = waves.shape[1:]
+        similarity = min(template_similarity(means[a].reshape(shape), means[b].reshape(shape), MAX_LAG_SAMPLES)[0]
                          for a in range(num_parts) for b in range(a + 1, num_parts))
         if similarity >= max_similarity:
             continue
         # every spike of the unit goes to the part whose mean waveform it is closest to
-        projected_means = pca.transform(means.reshape(num_parts, -1))
+        projected_means = pca.transform(means)
         nearest = np.linalg.norm(pca.transform(flat)[:, None, :] - projected_means[None], axis=2).argmin(axis=1)
         new_ids = np.concatenate([[unit], labels.max() + 1 + np.arange(num_parts - 1)])
         labels[chosen] = new_ids[nearest]

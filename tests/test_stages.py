@@ -238,31 +238,66 @@ def test_duplicate_units_are_joined_unless_their_trains_collide():
 
 
 def test_parts_of_a_split_are_split_again_up_to_max_depth():
-    """Three neurons in one unit: the first PCA separates the odd one out, only a second look splits the rest."""
-    from accm_sorter.split import split_mixed_units
+    """Three neurons in one unit: HDBSCAN on the first PCA separates the odd one out, only a second look splits
+    the rest; isosplit, which tests every pair of k-means parts for a dip, separates all three at once."""
+    from accm_sorter.split import split_mixed_units, waveforms_from_snippets
 
     rng = np.random.default_rng(1)
     t = np.linspace(0, 1, 40)
     wave = -np.exp(-((t - 0.3) / 0.05) ** 2) + 0.4 * np.exp(-((t - 0.5) / 0.1) ** 2)
     late_bump = 0.6 * np.exp(-((t - 0.7) / 0.05) ** 2)
-    shapes = [np.array([6, 4, 2, 1.0])[:, None] * wave,
-              np.array([1, 2, 4, 6.0])[:, None] * wave,
-              np.array([1.5, 2.5, 4.5, 5.0])[:, None] * (wave + late_bump)]
+    shapes = [np.array([6, 4])[:, None] * wave,
+              np.array([1, 2.0])[:, None] * wave,
+              np.array([1.5, 2.5])[:, None] * (wave + late_bump)]
     n = 600
-    snippets = np.concatenate([s[None] + rng.normal(0, 0.5, (n, 4, 40)) for s in shapes]).astype("float32")
+    waveforms = np.concatenate([s[None] + rng.normal(0, 0.5, (n, 2, 40)) for s in shapes]).astype("float32")
     truth = np.repeat(np.arange(3), n)
     labels = np.zeros(3 * n, dtype="int64")
-    table = np.tile(np.arange(4), (4, 1))
-    main_channels = np.zeros(3 * n, dtype="int64")
+    waveforms_of = lambda index: (index, waveforms[index])  # noqa: E731
 
-    once, report = split_mixed_units(labels, snippets, main_channels, table, 20, 0.9, seed=0, max_depth=1)
+    once, report = split_mixed_units(labels, waveforms_of, 20, 0.9, seed=0, max_depth=1, clusterer="hdbscan")
     assert once.max() == 1 and [r["depth"] for r in report] == [1]
-    again, report = split_mixed_units(labels, snippets, main_channels, table, 20, 0.9, seed=0, max_depth=3)
+    again, report = split_mixed_units(labels, waveforms_of, 20, 0.9, seed=0, max_depth=3, clusterer="hdbscan")
     assert again.max() == 2 and [r["depth"] for r in report] == [1, 2]
-    for neuron in range(3):  # each neuron is one unit, and each unit one neuron
-        counts = np.bincount(again[truth == neuron], minlength=3)
-        assert counts.max() >= 0.98 * n, (neuron, counts)
-    assert len({int(np.bincount(again[truth == k]).argmax()) for k in range(3)}) == 3
+    at_once, report = split_mixed_units(labels, waveforms_of, 20, 0.9, seed=0, max_depth=1, clusterer="isosplit")
+    assert at_once.max() == 2 and [r["depth"] for r in report] == [1]
+    # the same waveforms as snippets whose first two rows are the unit's channels
+    snippets = np.concatenate([waveforms, rng.normal(0, 0.5, waveforms.shape)], axis=1).astype("float32")
+    source = waveforms_from_snippets(snippets, np.zeros(3 * n, dtype="int64"), np.tile(np.arange(4), (4, 1)))
+    from_snippets, _ = split_mixed_units(labels, source, 20, 0.9, seed=0, max_depth=3, clusterer="hdbscan")
+    np.testing.assert_array_equal(from_snippets, again)
+    for out in (again, at_once):
+        for neuron in range(3):  # each neuron is one unit, and each unit one neuron
+            counts = np.bincount(out[truth == neuron], minlength=3)
+            assert counts.max() >= 0.98 * n, (neuron, counts)
+        assert len({int(np.bincount(out[truth == k]).argmax()) for k in range(3)}) == 3
+
+
+def test_split_waveforms_are_cut_on_the_units_channels_whatever_each_spikes_main_channel():
+    """A unit whose spikes peak on different channels is compared on one channel set, its own."""
+    from spikeinterface.core import NumpyRecording
+    from spikeinterface.core.node_pipeline import base_peak_dtype
+
+    from accm_sorter.snippets import local_channel_table
+    from accm_sorter.split import unit_centred_waveforms
+
+    rng = np.random.default_rng(0)
+    traces = rng.normal(size=(3000, 6)).astype("float32")
+    recording = NumpyRecording([traces], 30000.0)
+    locations = np.c_[np.zeros(6), 20.0 * np.arange(6)]
+    recording.set_dummy_probe_from_locations(locations)
+    table = local_channel_table(locations, 4)
+    peaks = np.zeros(6, dtype=base_peak_dtype)
+    peaks["sample_index"] = [100, 400, 700, 1000, 1300, 1600]
+    peaks["channel_index"] = [1, 1, 4, 4, 4, 2]  # unit 0 peaks mostly on channel 1, unit 1 on 4
+    labels = np.array([0, 0, 0, 1, 1, -1])
+    waveforms = unit_centred_waveforms(recording, peaks, labels, table, 10, 20,
+                                       dict(n_jobs=1, chunk_duration="1s", progress_bar=False))
+    assert waveforms.shape == (6, 2, 30)
+    for i, unit_main in enumerate([1, 1, 1, 4, 4]):
+        expected = traces[peaks["sample_index"][i] - 10: peaks["sample_index"][i] + 20][:, table[unit_main][:2]].T
+        np.testing.assert_array_equal(waveforms[i], expected)
+    assert not waveforms[5].any()  # an unassigned spike has no unit, so no waveform
 
 
 def test_matched_filter_detection_finds_the_ground_truth_spikes(short_gt):
