@@ -390,18 +390,17 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         timer.finish()
         return empty_result(recording, sorter_output_folder, "no unit survived assignment and curation.", log)
     if params["split_max_similarity"] > 0:
-        from .split import split_mixed_units, unit_centred_waveforms, waveforms_from_snippets
+        from .split import split_mixed_units, waveforms_from_snippets, waveforms_from_traces
 
         if params["split_waveforms"] == "unit_channels":
-            unit_waveforms = unit_centred_waveforms(preprocessed, peaks, labels, table, nbefore, nafter, job_kwargs)
-            waveforms_of = lambda index: (index, unit_waveforms[index])  # noqa: E731
+            waveforms_of = waveforms_from_traces(preprocessed, peaks, labels, table, nbefore, nafter, job_kwargs)
         else:
             waveforms_of = waveforms_from_snippets(snippets, peaks["channel_index"], table)
         labels, split_report = split_mixed_units(labels, waveforms_of, params["min_cluster_size"],
                                                  params["split_max_similarity"], seed,
                                                  max_depth=params["split_max_depth"],
                                                  clusterer=params["split_clusterer"], log=log)
-        del waveforms_of
+        del waveforms_of  # with 'unit_channels' it holds a waveform of every spike
         merge_report["splits"] = split_report
         num_units = int(labels.max()) + 1
     if params["duplicate_min_similarity"] < 1.0:

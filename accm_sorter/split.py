@@ -35,15 +35,31 @@ def aligned_waveforms(snippets, main_channels, channel_table, index, target_chan
     return chosen, waves
 
 
+def split_channel_table(channel_table):
+    """The channels a split looks at around each main channel: the first half of its local-channel row."""
+    return channel_table[:, : max(1, channel_table.shape[1] // 2)]
+
+
 def waveforms_from_snippets(snippets, main_channels, channel_table):
-    """Waveform source for :func:`split_mixed_units`: a set of spikes on the channels of the one most
-    of them peak on (half its local-channel row), out of their own snippets; spikes whose snippet
-    lacks one of those channels are left out."""
+    """Waveform source for :func:`split_mixed_units`: a set of spikes on the split channels of the
+    channel most of them peak on, out of their own snippets; spikes whose snippet lacks one of those
+    channels are left out."""
+    split_table = split_channel_table(channel_table)
 
     def waveforms_of(index):
         main = np.bincount(main_channels[index]).argmax()
-        target = channel_table[main][: max(1, channel_table.shape[1] // 2)]
-        return aligned_waveforms(snippets, main_channels, channel_table, index, target)
+        return aligned_waveforms(snippets, main_channels, channel_table, index, split_table[main])
+
+    return waveforms_of
+
+
+def waveforms_from_traces(recording, peaks, labels, channel_table, nbefore, nafter, job_kwargs):
+    """Waveform source for :func:`split_mixed_units`: every spike on its unit's channels
+    (:func:`unit_centred_waveforms`); none is left out."""
+    waveforms = unit_centred_waveforms(recording, peaks, labels, channel_table, nbefore, nafter, job_kwargs)
+
+    def waveforms_of(index):
+        return index, waveforms[index]
 
     return waveforms_of
 
@@ -59,7 +75,7 @@ def unit_centred_waveforms(recording, peaks, labels, channel_table, nbefore, naf
     """
     from .snippets import extract_snippets
 
-    half = channel_table[:, : max(1, channel_table.shape[1] // 2)]
+    half = split_channel_table(channel_table)
     waveforms = np.zeros((peaks.size, half.shape[1], nbefore + nafter), dtype="float32")
     assigned = np.flatnonzero(labels >= 0)
     if assigned.size == 0:
@@ -101,8 +117,7 @@ def split_mixed_units(labels, waveforms_of, min_cluster_size, max_similarity, se
 
     ``waveforms_of(index)`` returns the spikes of ``index`` it has waveforms for and those
     waveforms (spikes, channels, samples), all on one channel set: :func:`waveforms_from_snippets`
-    or, from :func:`unit_centred_waveforms`, ``lambda index: (index, waveforms[index])``. Spikes
-    left out keep their unit. The parts of a split are tried again, each with its own PCA,
+    or :func:`waveforms_from_traces`. Spikes left out keep their unit. The parts of a split are tried again, each with its own PCA,
     up to ``max_depth`` levels: the first PCA of a mixture of several neurons is dominated by the
     most different one.
     """

@@ -253,7 +253,9 @@ def test_parts_of_a_split_are_split_again_up_to_max_depth():
     waveforms = np.concatenate([s[None] + rng.normal(0, 0.5, (n, 2, 40)) for s in shapes]).astype("float32")
     truth = np.repeat(np.arange(3), n)
     labels = np.zeros(3 * n, dtype="int64")
-    waveforms_of = lambda index: (index, waveforms[index])  # noqa: E731
+
+    def waveforms_of(index):
+        return index, waveforms[index]
 
     once, report = split_mixed_units(labels, waveforms_of, 20, 0.9, seed=0, max_depth=1, clusterer="hdbscan")
     assert once.max() == 1 and [r["depth"] for r in report] == [1]
