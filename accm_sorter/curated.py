@@ -117,17 +117,6 @@ def find_missed_spikes(residual, templates, spikes, curated_units, censor_sample
     return found, report
 
 
-def join_templates(first, second):
-    """One dense SpikeInterface ``Templates`` holding the units of both (same channels and window)."""
-    from spikeinterface.core import Templates
-
-    return Templates(templates_array=np.concatenate([first.get_dense_templates(), second.get_dense_templates()]),
-                     sampling_frequency=first.sampling_frequency, nbefore=first.nbefore,
-                     channel_ids=first.channel_ids,
-                     unit_ids=np.concatenate([np.asarray(first.unit_ids), np.asarray(second.unit_ids)]),
-                     is_in_uV=first.is_in_uV)
-
-
 def _similar_units(dense, row, channels):
     """Units whose template looks like unit ``row``'s on its channels: their spikes' leftovers would pass."""
     mine = dense[row][:, channels].ravel()

@@ -61,7 +61,10 @@ def detect_spikes(recording, noise_levels: np.ndarray, params: dict, job_kwargs:
                   exclude_sweep_ms=params["exclude_sweep_ms"], radius_um=params["detect_radius_um"])
     if prototype is not None:
         method = "matched_filtering"
-        method_kwargs = dict(common, prototype=prototype, ms_before=params["ms_before"])
+        # SpikeInterface 0.105 estimates the filtered noise on unseeded random chunks: seeded here, so
+        # the same input and seed give the same peaks
+        method_kwargs = dict(common, prototype=prototype, ms_before=params["ms_before"],
+                             random_chunk_kwargs=dict(num_chunks_per_segment=5, seed=params["seed"]))
     else:
         method = "locally_exclusive"
         method_kwargs = dict(common, noise_levels=noise_levels)

@@ -53,6 +53,23 @@ def unit_templates(recording, peaks, labels, num_units, noise_levels, params, jo
     return remove_empty_templates(templates)
 
 
+def join_templates(first, second):
+    """One dense SpikeInterface ``Templates`` holding the units of both (same channels and window)."""
+    from spikeinterface.core import Templates
+
+    return Templates(templates_array=np.concatenate([first.get_dense_templates(), second.get_dense_templates()]),
+                     sampling_frequency=first.sampling_frequency, nbefore=first.nbefore,
+                     channel_ids=first.channel_ids,
+                     unit_ids=np.concatenate([np.asarray(first.unit_ids), np.asarray(second.unit_ids)]),
+                     probe=first.probe, is_in_uV=first.is_in_uV)
+
+
+def with_units(templates, more, noise_levels, params):
+    """``templates`` and ``more`` as one ``Templates``, sparsified as matching templates are."""
+    joined = join_templates(templates, more)
+    return joined.to_sparse(_snr_sparsity(joined, noise_levels, params["template_sparsity_threshold"]))
+
+
 def _snr_sparsity(templates, noise_levels, threshold):
     """Keep the channels whose peak-to-peak exceeds ``threshold`` noise levels (and always the best one)."""
     from spikeinterface.core import ChannelSparsity
@@ -74,7 +91,7 @@ def match_spikes(recording, templates, noise_levels, params, job_kwargs) -> np.n
     method_kwargs = {}
     if method == "tdc-peeler":
         method_kwargs.update(noise_levels=noise_levels, peak_sign=params["peak_sign"],
-                             detect_threshold=params["detect_threshold"])
+                             detect_threshold=params["matching_threshold"])
     with _seeded_fine_detector(params["seed"]):
         found = find_spikes_from_templates(recording, templates, method=method, method_kwargs=method_kwargs,
                                            job_kwargs=job_kwargs)

@@ -279,6 +279,21 @@ PARAMETERS: tuple[Parameter, ...] = (
               "template matching, driven by accm's templates ('tdc-peeler', 'circus-omp' or 'wobble'): it "
               "recovers spikes that detection missed or that overlap. 'none' keeps the detected, classified spikes.",
               choices=("tdc-peeler", "circus-omp", "wobble", "none")),
+    Parameter("matching_threshold", 4.0, float, "matching",
+              "tdc-peeler's detection threshold (noise levels): the engine tries templates only where its own "
+              "detector (plain and matched-filter) sees a peak above this. Lower finds more spikes of small "
+              "units (the units discover_units finds need 4; 0.1 used 5); other engines ignore it.",
+              low=1.0, high=100.0),
+    Parameter("discover_units", True, bool, "matching",
+              "After matching, subtract every matched spike and look for units on what is left: matched-filter "
+              "detection on the residual, clustered by SpikeInterface's iterative isosplit; the new units' "
+              "templates join a second matching pass, and a new unit that only takes a known unit's spikes is "
+              "dropped. Finds small neurons that the threshold crossed too rarely to cluster (low-snr seed 2003: "
+              "15 -> 19/25 well detected, mean accuracy 0.591 -> 0.763; docs/method.md). Costs about 30 s, most "
+              "of it compiling isosplit. Used only when matching_method is not 'none'."),
+    Parameter("discover_min_snr", 3.0, float, "matching",
+              "A unit found on the residual is kept when its template's peak-to-peak reaches this many noise "
+              "levels on its best channel.", low=0.0, high=100.0),
     Parameter("template_sparsity_threshold", 1.5, float, "matching",
               "Channels whose template peak-to-peak is below this many noise levels are left out of the "
               "matching templates.", low=0.0, high=100.0),

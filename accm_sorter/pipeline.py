@@ -446,6 +446,8 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         merge_report["curated"] = dict(claimed_by=claimed_by.tolist(), undetected_labelled_spikes=int(extra.size))
     units = [np.flatnonzero(labels == u) for u in range(num_units)]
     templates = group_templates(snippets, peaks["channel_index"], table, units, num_channels, seed=seed)
+    main_channels = np.abs(templates).max(axis=2).argmax(axis=1)
+    del templates
     confidence_by_unit = np.array([float(confidence[idx].mean()) for idx in units])
     curated_ids = np.full(num_units, "", dtype=object)
     if num_curated:
@@ -469,6 +471,31 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         spikes = match_spikes(preprocessed, matching_templates, noise_levels, params, job_kwargs)
         log(f"template matching ({params['matching_method']}): {spikes.size} spikes of "
             f"{len(matching_templates.unit_ids)} units")
+        if params["discover_units"]:
+            timer.start("discover")
+            from .discover import discover_units, match_with_discovered
+            from .matching import with_units
+
+            curated_rows = np.flatnonzero(to_final < num_curated)  # matching unit ids of curated units
+            # new units are numbered after every unit of the sorting, curated-only ones included
+            discovered = discover_units(preprocessed, matching_templates, spikes, noise_levels, params, job_kwargs,
+                                        first_unit_id=len(to_final), log=log)
+            if discovered is not None:
+                timer.start("matching")
+                spikes, discovered = match_with_discovered(preprocessed, matching_templates, discovered, spikes,
+                                                           noise_levels, params, job_kwargs, censor,
+                                                           protected=curated_rows, log=log)
+            if discovered is not None:
+                num_new = len(discovered.unit_ids)
+                matching_templates = with_units(matching_templates, discovered, noise_levels, params)
+                to_final = np.concatenate([to_final, num_units + np.arange(num_new)])
+                main_channels = np.concatenate(
+                    [main_channels, np.abs(discovered.get_dense_templates()).max(axis=1).argmax(axis=1)])
+                confidence_by_unit = np.concatenate([confidence_by_unit, np.full(num_new, np.nan)])
+                curated_ids = np.concatenate([curated_ids, np.full(num_new, "", dtype=object)])
+                num_units += num_new
+                log(f"template matching with {num_new} discovered units: {spikes.size} spikes of "
+                    f"{len(matching_templates.unit_ids)} units")
         if params["duplicate_min_similarity"] < 1.0:
             from .matching import join_duplicate_units
 
@@ -481,7 +508,8 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             final_map[to_final] = to_final[representative]
             labels = np.where(labels >= 0, final_map[labels], -1)
         if num_curated:
-            from .curated import find_missed_spikes, join_templates
+            from .curated import find_missed_spikes
+            from .matching import join_templates
 
             residual = residual_recording(preprocessed, np.transpose(matching_templates.get_dense_templates(), (0, 2, 1)),
                                           matching_templates.nbefore, spikes,
@@ -514,8 +542,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     if num_units == 0:
         timer.finish()
         return empty_result(recording, sorter_output_folder, "no unit kept a spike after template matching.", log)
-    main_channels = np.abs(templates[kept_units]).max(axis=2).argmax(axis=1)
-    main_channel_ids = recording.channel_ids[main_channels]
+    main_channel_ids = recording.channel_ids[main_channels[kept_units]]
     log(f"{num_units} units, {spikes.size} spikes")
 
     timer.start("save")

@@ -20,6 +20,12 @@ MAX_SPIKES_PER_SPLIT = 4000
 MAX_LAG_SAMPLES = 2
 DUPLICATE_AMPLITUDE_RATIO = 0.8
 ISOCUT_THRESHOLD = 2.0
+# Two units less alike than duplicate_min_similarity, down to this cosine, are joined when their
+# trains never collide in the refractory period and there are enough spikes for that test to mean
+# something: on drift, where motion correction leaves one neuron's parts 0.85-0.97 alike, that
+# joined them (19 -> 21/25 well detected); joining at 0.85 without the test merged distinct small
+# neurons on low-snr.
+TRAIN_CONFIRMED_MIN_SIMILARITY = 0.85
 
 
 def aligned_waveforms(snippets, main_channels, channel_table, index, target_channels):
@@ -173,8 +179,9 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
     as four units whose templates have cosine 0.996-1.0); the pairwise merge runs before splitting
     and does not see the pieces a split leaves. Two units are joined when their templates
     (``templates``, (units, channels, T)) have cosine >= ``min_similarity`` at lags <= 2 samples,
-    peak amplitudes within 20 %, and the refractory guard of the pairwise merge holds. ``protected``
-    units (a curator's) are never joined.
+    peak amplitudes within 20 %, and the refractory guard of the pairwise merge holds; down to
+    ``TRAIN_CONFIRMED_MIN_SIMILARITY`` when the refractory test is informative and finds no
+    collision. ``protected`` units (a curator's) are never joined.
     """
     from .pairwise import MAX_MERGE_REFRACTORY_RATIO, UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio
 
@@ -186,7 +193,7 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
             if min(peak[a], peak[b]) < DUPLICATE_AMPLITUDE_RATIO * max(peak[a], peak[b]):
                 continue
             cosine, _ = template_similarity(templates[a], templates[b], MAX_LAG_SAMPLES)
-            if cosine >= min_similarity:
+            if cosine >= min(min_similarity, TRAIN_CONFIRMED_MIN_SIMILARITY):
                 candidates.append((cosine, a, b))
     group = np.arange(num_units)
     report = []
@@ -199,6 +206,8 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
         ratio = refractory_ratio(train_a, train_b, total_samples, sampling_frequency)
         if ratio > MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO:
             continue
+        if cosine < min_similarity and ratio == UNINFORMATIVE_REFRACTORY_RATIO:
+            continue  # less alike than min_similarity: only the trains' refractory period can show they are one
         group[group == gb] = ga
         report.append(dict(a=int(a), b=int(b), template_cosine=round(float(cosine), 4),
                            refractory_ratio=round(float(ratio), 3)))

@@ -237,6 +237,32 @@ def test_duplicate_units_are_joined_unless_their_trains_collide():
     assert out.max() == 2 and (out[:800] == out[0]).all() and len(set(out[800:].tolist()) - {out[0]}) == 2
 
 
+def test_less_alike_units_are_joined_only_when_their_trains_prove_one_neuron():
+    from accm_sorter.pairwise import template_similarity
+    from accm_sorter.split import TRAIN_CONFIRMED_MIN_SIMILARITY, merge_duplicate_units
+
+    rng = np.random.default_rng(1)
+    shape = np.sin(np.linspace(0, 3, 40))[None, :] * np.array([[5.0], [3.0], [1.0]])
+    moved = shape + 1.3 * np.cos(np.linspace(0, 9, 40))[None, :]  # one neuron seen after some drift
+    cosine = template_similarity(shape, moved, 2)[0]
+    assert TRAIN_CONFIRMED_MIN_SIMILARITY <= cosine < 0.97
+    templates = np.stack([shape, moved]).astype("float32")
+    total = 30000 * 60
+    labels = np.repeat([0, 1], 400)
+
+    neuron = np.cumsum(60 + rng.exponential(total / 800 - 60, 800)).astype("int64")
+    one = np.concatenate([neuron[0::2], neuron[1::2]])  # the two parts never fire within 2 ms
+    two = np.concatenate([neuron[0::2], np.sort(rng.choice(total, 400, replace=False))])  # they do
+    joined, _ = merge_duplicate_units(labels, templates, one, total, 30000.0, min_similarity=0.97)
+    kept, _ = merge_duplicate_units(labels, templates, two, total, 30000.0, min_similarity=0.97)
+    assert np.unique(joined).size == 1
+    assert np.unique(kept).size == 2
+    # 20 spikes each: too few for the refractory test, so template likeness alone must reach 0.97
+    few = np.concatenate([neuron[0:40:2], neuron[1:40:2]])
+    alone, _ = merge_duplicate_units(np.repeat([0, 1], 20), templates, few, total, 30000.0, min_similarity=0.97)
+    assert np.unique(alone).size == 2
+
+
 def test_parts_of_a_split_are_split_again_up_to_max_depth():
     """Three neurons in one unit: HDBSCAN on the first PCA separates the odd one out, only a second look splits
     the rest; isosplit, which tests every pair of k-means parts for a dip, separates all three at once."""
@@ -328,3 +354,57 @@ def test_matched_filter_detection_finds_the_ground_truth_spikes(short_gt):
     nbefore = int(round(params["ms_before"] * recording.sampling_frequency / 1000))
     assert prototype[nbefore] == prototype.min()  # the matched-filtering prototype: negative peak at the centre
     assert recall["matched_filtering"] >= recall["locally_exclusive"] - 0.02 and recall["matched_filtering"] > 0.6, recall
+
+
+def test_discovery_finds_the_unit_that_matching_had_no_template_for(short_gt):
+    """The spikes of a unit without a template stay on the residual of matching; discovery gives it one."""
+    from accm_sorter.detect import estimate_noise_levels
+    from accm_sorter.discover import discover_units
+    from accm_sorter.matching import unit_templates
+    from accm_sorter.params import validate_params
+    from accm_sorter.pairwise import template_similarity
+
+    recording, gt = short_gt
+    params = validate_params({})
+    job_kwargs = dict(n_jobs=1, chunk_duration="1s", progress_bar=False)
+    noise = estimate_noise_levels(recording, 0, job_kwargs)
+    vector = gt.to_spike_vector()
+    every = unit_templates(recording, vector, vector["unit_index"], gt.get_num_units(), noise, params, job_kwargs)
+    dense = every.get_dense_templates()
+    counts = np.bincount(vector["unit_index"], minlength=gt.get_num_units())
+    # the busiest unit among those big enough to be sorted at all
+    big = np.ptp(dense, axis=1).max(axis=1) >= 5 * np.median(noise)
+    hidden = int(np.flatnonzero(big)[counts[big].argmax()])
+    known = vector[vector["unit_index"] != hidden]
+    matched = np.zeros(known.size, dtype=[("sample_index", "int64"), ("segment_index", "int64"),
+                                          ("unit_index", "int64"), ("amplitude", "float32")])
+    for name in ("sample_index", "segment_index", "unit_index"):
+        matched[name] = known[name]
+    matched["amplitude"] = 1.0
+    templates = every.select_units(np.setdiff1d(every.unit_ids, [hidden]))
+
+    found = discover_units(recording, templates, matched, noise, params, job_kwargs, first_unit_id=100)
+
+    assert found is not None
+    assert np.asarray(found.unit_ids)[0] == 100
+    similarity = [template_similarity(new.T, dense[hidden].T, 2)[0] for new in found.get_dense_templates()]
+    assert max(similarity) >= 0.9, similarity
+    # the known units were subtracted: at most one more (noise or a collision remnant) besides the hidden one
+    assert len(found.unit_ids) <= 2, similarity
+
+
+def test_a_discovered_unit_that_takes_a_known_units_spikes_is_a_copy():
+    from accm_sorter.discover import find_copies
+
+    rng = np.random.default_rng(0)
+    known = np.sort(rng.choice(1_000_000, 400, replace=False))  # unit 3's spikes in the first pass
+    fresh = np.sort(rng.choice(1_000_000, 300, replace=False))  # spikes nobody had
+    # second pass: unit 7 took 80 % of unit 3's spikes (1 sample later), unit 8 has the fresh ones
+    taken = known[:320] + 1
+    samples = np.concatenate([known[320:], taken, fresh])
+    units = np.concatenate([np.full(80, 3), np.full(320, 7), np.full(300, 8)])
+    copies = find_copies(units, samples, np.full(known.size, 3), known, new_ids=[7, 8], window=5)
+    assert list(copies) == [7]
+    assert copies[7][0] == 3 and copies[7][1] == 1.0
+    # a curated (protected) unit is not looked at
+    assert find_copies(units, samples, np.full(known.size, 3), known, new_ids=[7, 8], window=5, protected=[3]) == {}
