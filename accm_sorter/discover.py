@@ -145,7 +145,8 @@ def match_with_discovered(recording, templates, discovered, first_pass, noise_le
                           protected=(), log=None):
     """Second matching pass with the discovered units that are not copies of a known unit.
 
-    Returns (spikes, the discovered units kept or ``None``). Copies are removed and the pass is run again
+    Returns (spikes, the discovered units kept, the templates matched: known and kept), or
+    (``first_pass``, ``None``, ``templates``) when none is kept. Copies are removed and the pass is run again
     without them, up to ``MAX_PASSES`` times; with none left the first pass stands as it was. The kept
     units are numbered on from the first discovered unit id.
     """
@@ -155,8 +156,8 @@ def match_with_discovered(recording, templates, discovered, first_pass, noise_le
     first_id = int(np.asarray(discovered.unit_ids)[0])
     first_samples, _ = global_sample_index(first_pass, recording)
     for _ in range(MAX_PASSES):
-        spikes = match_spikes(recording, with_units(templates, discovered, noise_levels, params), noise_levels, params,
-                              job_kwargs)
+        joined = with_units(templates, discovered, noise_levels, params)
+        spikes = match_spikes(recording, joined, noise_levels, params, job_kwargs)
         samples, _ = global_sample_index(spikes, recording)
         copies = find_copies(spikes["unit_index"], samples, first_pass["unit_index"], first_samples,
                              discovered.unit_ids, window, protected)
@@ -164,10 +165,10 @@ def match_with_discovered(recording, templates, discovered, first_pass, noise_le
             for new, (known, fraction) in copies.items():
                 log(f"discovered unit {new} dropped: {fraction:.0%} of its spikes were unit {known}'s in the first pass")
         if not copies:
-            return spikes, discovered
+            return spikes, discovered, joined
         kept = np.setdiff1d(discovered.unit_ids, list(copies))
         if kept.size == 0:
-            return first_pass, None
+            return first_pass, None, templates
         discovered = dataclasses.replace(discovered.select_units(kept), unit_ids=first_id + np.arange(kept.size))
     # copies left after the last pass: the pass with them is not trusted
-    return first_pass, None
+    return first_pass, None, templates

@@ -474,7 +474,6 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         if params["discover_units"]:
             timer.start("discover")
             from .discover import discover_units, match_with_discovered
-            from .matching import with_units
 
             curated_rows = np.flatnonzero(to_final < num_curated)  # matching unit ids of curated units
             # new units are numbered after every unit of the sorting, curated-only ones included
@@ -482,12 +481,11 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                                         first_unit_id=len(to_final), log=log)
             if discovered is not None:
                 timer.start("matching")
-                spikes, discovered = match_with_discovered(preprocessed, matching_templates, discovered, spikes,
-                                                           noise_levels, params, job_kwargs, censor,
-                                                           protected=curated_rows, log=log)
+                spikes, discovered, matching_templates = match_with_discovered(
+                    preprocessed, matching_templates, discovered, spikes, noise_levels, params, job_kwargs, censor,
+                    protected=curated_rows, log=log)
             if discovered is not None:
                 num_new = len(discovered.unit_ids)
-                matching_templates = with_units(matching_templates, discovered, noise_levels, params)
                 to_final = np.concatenate([to_final, num_units + np.arange(num_new)])
                 main_channels = np.concatenate(
                     [main_channels, np.abs(discovered.get_dense_templates()).max(axis=1).argmax(axis=1)])
