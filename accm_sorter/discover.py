@@ -22,7 +22,6 @@ from copy import deepcopy
 import numpy as np
 
 from .detect import detect_spikes, spike_prototype
-from .overlaps import residual_recording
 
 # SVD features as lupin takes them for clustering (SpikeInterface 0.105 defaults of the sorter)
 FEATURE_MS_BEFORE = 0.3
@@ -41,14 +40,6 @@ MIN_SPIKES_FACTOR = 2
 MAX_TAKEN_FRACTION = 0.5
 # second passes run to drop copies before discovery gives up and keeps the first pass
 MAX_PASSES = 3
-
-
-def residual_of_matching(recording, templates, spikes):
-    """``recording`` minus every matched spike's template, scaled by its fitted amplitude (lazy)."""
-    dense = templates.get_dense_templates()  # (units, T, channels)
-    row = np.searchsorted(np.asarray(templates.unit_ids), spikes["unit_index"])
-    return residual_recording(recording, np.transpose(dense, (0, 2, 1)), templates.nbefore, spikes, row,
-                              spikes["amplitude"])
 
 
 def cluster_residual_peaks(residual, peaks, noise_levels, min_firing_rate, seed, job_kwargs):
@@ -79,7 +70,7 @@ def discover_units(recording, templates, spikes, noise_levels, params, job_kwarg
     """
     from spikeinterface.core import Templates
 
-    from .matching import unit_templates
+    from .matching import residual_of_matching, unit_templates
 
     residual = residual_of_matching(recording, templates, spikes)
     matched_filter = dict(params, detect_method="matched_filtering")

@@ -53,6 +53,16 @@ def unit_templates(recording, peaks, labels, num_units, noise_levels, params, jo
     return remove_empty_templates(templates)
 
 
+def residual_of_matching(recording, templates, spikes):
+    """``recording`` minus every matched spike's template, scaled by its fitted amplitude (lazy)."""
+    from .overlaps import residual_recording
+
+    dense = templates.get_dense_templates()  # (units, T, channels)
+    row = np.searchsorted(np.asarray(templates.unit_ids), spikes["unit_index"])
+    return residual_recording(recording, np.transpose(dense, (0, 2, 1)), templates.nbefore, spikes, row,
+                              spikes["amplitude"])
+
+
 def join_templates(first, second):
     """One dense SpikeInterface ``Templates`` holding the units of both (same channels and window)."""
     from spikeinterface.core import Templates

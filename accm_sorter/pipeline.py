@@ -507,12 +507,9 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             labels = np.where(labels >= 0, final_map[labels], -1)
         if num_curated:
             from .curated import find_missed_spikes
-            from .matching import join_templates
+            from .matching import join_templates, residual_of_matching
 
-            residual = residual_recording(preprocessed, np.transpose(matching_templates.get_dense_templates(), (0, 2, 1)),
-                                          matching_templates.nbefore, spikes,
-                                          np.searchsorted(matching_templates.unit_ids, spikes["unit_index"]),
-                                          spikes["amplitude"])
+            residual = residual_of_matching(preprocessed, matching_templates, spikes)
             all_templates = matching_templates
             if labelled_only.size:
                 only_labels = np.full(peaks.size, -1, dtype="int64")
