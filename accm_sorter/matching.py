@@ -135,7 +135,8 @@ def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, pr
     samples, total_samples = global_sample_index(spikes, recording)
     joined, report = merge_duplicate_units(spikes["unit_index"], np.transpose(dense, (0, 2, 1)), samples,
                                            total_samples, recording.sampling_frequency,
-                                           params["duplicate_min_similarity"], protected=protected, log=log)
+                                           params["duplicate_min_similarity"], protected=protected,
+                                           join_drift_splits=params["join_drift_splits"], log=log)
     for group in np.unique(joined):
         members = np.unique(spikes["unit_index"][joined == group])
         representative[members] = members.min()

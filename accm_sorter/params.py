@@ -273,6 +273,11 @@ PARAMETERS: tuple[Parameter, ...] = (
               "Two units are joined when their mean waveforms have a cosine similarity of at least this (peak "
               "amplitudes within 20 %, no refractory-period collisions between them): once after splitting, "
               "and once on the template-matched spikes; 1 turns both off.", low=0.0, high=1.0),
+    Parameter("join_drift_splits", True, bool, "pairwise",
+              "Also join two units that take turns firing (their firing-rate profiles over time overlap by at "
+              "most 0.35) when their mean waveforms have cosine >= 0.75 and peak amplitudes within 40 %: one "
+              "neuron that motion correction did not fully bring back, seen at two places (drift, seed 2002: "
+              "four neurons cut 80/20 this way). Applies wherever duplicate units are joined."),
     # --- matching ------------------------------------------------------------------------
     Parameter("matching_method", "tdc-peeler", str, "matching",
               "Final pass that finds every spike of accm's units in the whole recording with SpikeInterface's "

@@ -410,7 +410,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                                     [np.flatnonzero(labels == u) for u in range(num_units)], num_channels, seed=seed)
         labels, duplicate_report = merge_duplicate_units(labels, templates, global_samples, total_samples,
                                                          sampling_frequency, params["duplicate_min_similarity"],
-                                                         log=log)
+                                                         join_drift_splits=params["join_drift_splits"], log=log)
         merge_report["duplicates"] = duplicate_report
         num_units = int(labels.max()) + 1
     num_curated, labelled_only = 0, np.zeros(0, dtype="int64")

@@ -1,7 +1,10 @@
 """Each pipeline stage on its own, on small arrays."""
 
+import warnings
+
 import numpy as np
 import pytest
+import spikeinterface.preprocessing as spre
 import torch
 
 from accm_sorter.augment import AugmentConfig, augment, recentre, resample_time
@@ -263,6 +266,37 @@ def test_less_alike_units_are_joined_only_when_their_trains_prove_one_neuron():
     assert np.unique(alone).size == 2
 
 
+def test_units_that_take_turns_firing_are_joined_as_one_drifting_neuron():
+    """A neuron at the far end of its drift comes out smaller and a little different (cosine ~0.8, 70 %
+    amplitude) and fires only while its main unit is silent: joined. A neuron with the same waveforms
+    firing all along is a second neuron: kept."""
+    from accm_sorter.pairwise import template_similarity
+    from accm_sorter.split import DUPLICATE_AMPLITUDE_RATIO, TRAIN_CONFIRMED_MIN_SIMILARITY, merge_duplicate_units
+    from accm_sorter.split import rate_profile_overlap
+
+    rng = np.random.default_rng(2)
+    shape = np.sin(np.linspace(0, 3, 40))[None, :] * np.array([[5.0], [3.0], [1.0]])
+    moved = 0.5 * (shape + 2.8 * np.cos(np.linspace(0, 9, 40))[None, :])
+    assert template_similarity(shape, moved, 2)[0] < TRAIN_CONFIRMED_MIN_SIMILARITY
+    assert np.abs(moved).max() < DUPLICATE_AMPLITUDE_RATIO * np.abs(shape).max()
+    templates = np.stack([shape, moved]).astype("float32")
+    total = 30000 * 120
+    neuron = np.cumsum(60 + rng.exponential(total / 1200 - 60, 1200)).astype("int64")
+    neuron = neuron[neuron < total]
+    far = ((neuron // (30000 * 10)) % 6) == 2  # 10 s of every minute at the far end of the drift
+    turns = np.concatenate([neuron[~far], neuron[far]])
+    labels = np.repeat([0, 1], [(~far).sum(), far.sum()])
+    assert rate_profile_overlap(np.sort(neuron[~far]), np.sort(neuron[far]), total) < 0.35
+    joined, report = merge_duplicate_units(labels, templates, turns, total, 30000.0, 0.97, join_drift_splits=True)
+    assert np.unique(joined).size == 1 and report[0]["rate_overlap"] < 0.35
+    apart, _ = merge_duplicate_units(labels, templates, turns, total, 30000.0, 0.97, join_drift_splits=False)
+    assert np.unique(apart).size == 2
+    steady = np.concatenate([neuron[~far], np.sort(rng.choice(total, far.sum(), replace=False))])
+    assert rate_profile_overlap(np.sort(neuron[~far]), steady[labels == 1], total) > 0.7
+    kept, _ = merge_duplicate_units(labels, templates, steady, total, 30000.0, 0.97, join_drift_splits=True)
+    assert np.unique(kept).size == 2
+
+
 def test_parts_of_a_split_are_split_again_up_to_max_depth():
     """Three neurons in one unit: HDBSCAN on the first PCA separates the odd one out, only a second look splits
     the rest; isosplit, which tests every pair of k-means parts for a dip, separates all three at once."""
@@ -408,3 +442,25 @@ def test_a_discovered_unit_that_takes_a_known_units_spikes_is_a_copy():
     assert copies[7][0] == 3 and copies[7][1] == 1.0
     # a curated (protected) unit is not looked at
     assert find_copies(units, samples, np.full(known.size, 3), known, new_ids=[7, 8], window=5, protected=[3]) == {}
+
+
+def test_motion_estimate_is_the_same_on_every_run():
+    """correct_motion's detector estimates the noise on random chunks; accm seeds them, so one recording
+    gives one motion (and one sorting)."""
+    from accm_sorter.params import validate_params
+    from accm_sorter.preprocess import estimate_motion
+    from accm_sorter.scenarios import generate_scenario
+
+    recording, _ = generate_scenario("drift", duration=20.0, seed=7)
+    params = validate_params({})
+    job_kwargs = dict(n_jobs=1, chunk_duration="1s", progress_bar=False)
+
+    def motion_of_a_fresh_copy():
+        filtered = spre.bandpass_filter(recording, freq_min=300.0, freq_max=6000.0, dtype="float32")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "probe too short for non-rigid: switching to rigid"
+            return estimate_motion(filtered, params, None, job_kwargs).displacement[0]
+
+    first, second = motion_of_a_fresh_copy(), motion_of_a_fresh_copy()
+    assert np.abs(first).max() > 1.0  # it saw the zigzag
+    np.testing.assert_array_equal(first, second)
