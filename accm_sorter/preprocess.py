@@ -59,7 +59,7 @@ def estimate_motion(recording, params: dict, folder: Path | None, job_kwargs: di
 
     # correct_motion's detector takes the noise levels cached on the recording, and computes them on
     # unseeded random chunks otherwise: two sorts of one drift recording then found different motion
-    # (summed displacement 2029.34 vs 2029.42 um) and different units (17 vs 19/25 well detected).
+    # (summed displacement 2029.34 vs 2029.42 um) and different units (16 vs 19/25 well detected).
     get_noise_levels(recording, return_in_uV=False, random_slices_kwargs=dict(seed=params["seed"]), **job_kwargs)
     _, motion_info = spre.correct_motion(
         recording, preset=params["motion_preset"], folder=folder, output_motion_info=True, overwrite=True,
