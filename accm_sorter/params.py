@@ -289,6 +289,12 @@ PARAMETERS: tuple[Parameter, ...] = (
               "detector (plain and matched-filter) sees a peak above this. Lower finds more spikes of small "
               "units (the units discover_units finds need 4; 0.1 used 5); other engines ignore it.",
               low=1.0, high=100.0),
+    Parameter("template_rescaling_passes", 1, int, "matching",
+              "After matching (and discovery), scale each unit's template to the median amplitude matching fitted "
+              "to its spikes, where that is more than 10 % off, and match again; this many times. Templates of small "
+              "units estimated from detected spikes alone are too big (detection keeps the noise-enlarged ones), "
+              "and matching drops spikes fitted below 0.7 of the template. 0 matches once. Each pass costs one "
+              "matching pass.", low=0, high=10),
     Parameter("discover_units", True, bool, "matching",
               "After matching, subtract every matched spike and look for units on what is left: matched-filter "
               "detection on the residual, clustered by SpikeInterface's iterative isosplit; the new units' "

@@ -79,8 +79,10 @@ class StageTimer:
 
     def _close(self):
         if self._name is not None:
-            self.timings[self._name] = time.perf_counter() - self._t0
-            self.log(f"stage {self._name} done in {self.timings[self._name]:.2f} s")
+            elapsed = time.perf_counter() - self._t0
+            # a stage entered twice (matching, before and after discovery) adds up
+            self.timings[self._name] = self.timings.get(self._name, 0.0) + elapsed
+            self.log(f"stage {self._name} done in {elapsed:.2f} s")
             self._name = None
 
     def finish(self):
@@ -461,7 +463,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
 
     if params["matching_method"] != "none":
         timer.start("matching")
-        from .matching import match_spikes, unit_templates
+        from .matching import match_spikes, rescale_templates, unit_templates
 
         # a curated unit accm never found has a template from a few labelled spikes: matched with the
         # others it would take their spikes; it gets its own, FDR-controlled pass below
@@ -494,6 +496,13 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                 num_units += num_new
                 log(f"template matching with {num_new} discovered units: {spikes.size} spikes of "
                     f"{len(matching_templates.unit_ids)} units")
+        if params["template_rescaling_passes"]:
+            timer.start("matching")
+        for _ in range(params["template_rescaling_passes"]):
+            matching_templates = rescale_templates(matching_templates, spikes)
+            spikes = match_spikes(preprocessed, matching_templates, noise_levels, params, job_kwargs)
+            log(f"template matching with templates rescaled to their spikes' median amplitude: {spikes.size} "
+                f"spikes of {len(matching_templates.unit_ids)} units")
         if params["duplicate_min_similarity"] < 1.0:
             from .matching import join_duplicate_units
 
