@@ -499,10 +499,12 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         if params["template_rescaling_passes"]:
             timer.start("matching")
         for _ in range(params["template_rescaling_passes"]):
-            matching_templates = rescale_templates(matching_templates, spikes)
+            matching_templates, num_rescaled = rescale_templates(matching_templates, spikes)
+            if num_rescaled == 0:  # the same templates would match the same spikes
+                break
             spikes = match_spikes(preprocessed, matching_templates, noise_levels, params, job_kwargs)
-            log(f"template matching with templates rescaled to their spikes' median amplitude: {spikes.size} "
-                f"spikes of {len(matching_templates.unit_ids)} units")
+            log(f"template matching with {num_rescaled} templates rescaled to their spikes' median amplitude: "
+                f"{spikes.size} spikes of {len(matching_templates.unit_ids)} units")
         if params["duplicate_min_similarity"] < 1.0:
             from .matching import join_duplicate_units
 

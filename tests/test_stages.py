@@ -198,9 +198,10 @@ def test_rescaled_templates_recover_the_spikes_an_inflated_template_missed(short
         return perf["recall"].astype(float).to_numpy()
 
     first = match_spikes(recording, inflated, noise, params, job_kwargs)
-    rescaled = rescale_templates(inflated, first)
+    rescaled, num_rescaled = rescale_templates(inflated, first)
     second = match_spikes(recording, rescaled, noise, params, job_kwargs)
     assert list(rescaled.unit_ids) == list(inflated.unit_ids)
+    assert num_rescaled >= 6
     assert np.array_equal(rescaled.sparsity.mask, inflated.sparsity.mask)
     # measured (seed 5): mean recall 0.64 with the inflated templates, 0.86 after one rescaling (0.98
     # with the right ones); median fitted amplitude 0.75 -> 1.00
@@ -209,11 +210,12 @@ def test_rescaled_templates_recover_the_spikes_an_inflated_template_missed(short
     assert 0.9 <= np.median(second["amplitude"]) <= 1.1
 
     right = match_spikes(recording, exact, noise, params, job_kwargs)
-    kept = rescale_templates(exact, right)
+    kept, num_kept_rescaled = rescale_templates(exact, right)
     moved = [u for u in exact.unit_ids
              if abs(np.median(right["amplitude"][right["unit_index"] == u]) - 1.0) > RESCALE_TOLERANCE]
     unchanged = np.isin(exact.unit_ids, moved, invert=True)
     assert np.array_equal(kept.templates_array[unchanged], exact.templates_array[unchanged])
+    assert num_kept_rescaled == len(moved)
 
 
 def test_labelled_spikes_stay_in_their_unit_without_touching_other_units():
