@@ -139,31 +139,44 @@ def test_docs_parameter_page_is_generated_from_params():
     )
 
 
-def test_template_matching_finds_ground_truth_spikes(short_gt):
-    """Templates from 30% of each unit's spikes find the rest of them in the recording."""
-    from spikeinterface.comparison import compare_sorter_to_ground_truth
-    from spikeinterface.core import NumpySorting
+MATCHING_JOB_KWARGS = dict(n_jobs=1, chunk_duration="1s", progress_bar=False)
+
+
+def filtered_with_noise(short_gt):
+    """(band-passed recording, ground truth, its noise levels) for the template-matching tests."""
     from spikeinterface.preprocessing import bandpass_filter
 
     from accm_sorter.detect import estimate_noise_levels
-    from accm_sorter.matching import match_spikes, unit_templates
-    from accm_sorter.params import validate_params
 
     recording, gt = short_gt
     recording = bandpass_filter(recording, freq_min=300.0, freq_max=6000.0, dtype="float32")
+    return recording, gt, estimate_noise_levels(recording, 0, MATCHING_JOB_KWARGS)
+
+
+def performance_of_matched(gt, spikes, sampling_frequency):
+    """SpikeInterface's per-unit performance of matched ``spikes`` against ``gt``."""
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+    from spikeinterface.core import NumpySorting
+
+    found = NumpySorting.from_samples_and_labels([spikes["sample_index"]], [spikes["unit_index"]],
+                                                 sampling_frequency)
+    return compare_sorter_to_ground_truth(gt, found, exhaustive_gt=True).get_performance()
+
+
+def test_template_matching_finds_ground_truth_spikes(short_gt):
+    """Templates from 30% of each unit's spikes find the rest of them in the recording."""
+    from accm_sorter.matching import match_spikes, unit_templates
+
+    recording, gt, noise = filtered_with_noise(short_gt)
     vector = gt.to_spike_vector()
     shown = np.random.default_rng(0).random(vector.size) < 0.3
     peaks = np.zeros(int(shown.sum()), dtype=[("sample_index", "int64"), ("segment_index", "int64")])
     peaks["sample_index"], peaks["segment_index"] = vector["sample_index"][shown], vector["segment_index"][shown]
     params = validate_params({})
-    job_kwargs = dict(n_jobs=1, chunk_duration="1s", progress_bar=False)
-    noise = estimate_noise_levels(recording, 0, job_kwargs)
     templates = unit_templates(recording, peaks, vector["unit_index"][shown], gt.get_num_units(), noise, params,
-                               job_kwargs)
-    spikes = match_spikes(recording, templates, noise, params, job_kwargs)
-    found = NumpySorting.from_samples_and_labels([spikes["sample_index"]], [spikes["unit_index"]],
-                                                 recording.sampling_frequency)
-    perf = compare_sorter_to_ground_truth(gt, found, exhaustive_gt=True).get_performance()
+                               MATCHING_JOB_KWARGS)
+    spikes = match_spikes(recording, templates, noise, params, MATCHING_JOB_KWARGS)
+    perf = performance_of_matched(gt, spikes, recording.sampling_frequency)
     # measured (seed 5): 6 of 8 units at >= 0.94; the smallest unit has no template left after
     # sparsification and its spikes go partly to its neighbour (0.70)
     assert (perf["accuracy"].astype(float) >= 0.9).sum() >= 6, perf
@@ -175,26 +188,17 @@ def test_rescaled_templates_recover_the_spikes_an_inflated_template_missed(short
     them. Templates that were right stay as they were."""
     import dataclasses
 
-    from spikeinterface.comparison import compare_sorter_to_ground_truth
-    from spikeinterface.core import NumpySorting
-    from spikeinterface.preprocessing import bandpass_filter
-
-    from accm_sorter.detect import estimate_noise_levels
     from accm_sorter.matching import RESCALE_TOLERANCE, match_spikes, rescale_templates, unit_templates
 
-    recording, gt = short_gt
-    recording = bandpass_filter(recording, freq_min=300.0, freq_max=6000.0, dtype="float32")
+    recording, gt, noise = filtered_with_noise(short_gt)
     vector = gt.to_spike_vector()
     params = validate_params({})
-    job_kwargs = dict(n_jobs=1, chunk_duration="1s", progress_bar=False)
-    noise = estimate_noise_levels(recording, 0, job_kwargs)
+    job_kwargs = MATCHING_JOB_KWARGS
     exact = unit_templates(recording, vector, vector["unit_index"], gt.get_num_units(), noise, params, job_kwargs)
     inflated = dataclasses.replace(exact, templates_array=exact.templates_array * 1.35)
 
     def recall(spikes):
-        found = NumpySorting.from_samples_and_labels([spikes["sample_index"]], [spikes["unit_index"]],
-                                                     recording.sampling_frequency)
-        perf = compare_sorter_to_ground_truth(gt, found, exhaustive_gt=True).get_performance()
+        perf = performance_of_matched(gt, spikes, recording.sampling_frequency)
         return perf["recall"].astype(float).to_numpy()
 
     first = match_spikes(recording, inflated, noise, params, job_kwargs)
