@@ -20,6 +20,21 @@ MATCH_MS_AFTER = 2.5
 
 # matched amplitudes of a unit whose template is right have medians of 0.95-1.08 (benchmark runs)
 RESCALE_TOLERANCE = 0.1
+# A unit's matched spikes are split on this many principal components of their waveforms on the
+# unit's local channels. Two neurons 13 um apart (dense-overlap seed 2002, cosine 0.84 there) differ
+# along a direction the first 6 components hardly hold: the two neurons' separation (d') along it is
+# 1.3 within the first 6 components, 2.7 within the first 24, where isosplit cuts them apart.
+MATCHED_SPLIT_PCA_COMPONENTS = 24
+# A split of matched spikes is kept only when every part looks like the unit (cosine of the part's
+# mean waveform to the unit's at least this) ...
+MATCHED_SPLIT_MIN_PART_SIMILARITY = 0.8
+# ... and the parts fire together over the recording: rate-profile overlap at least this, measured
+# (every part has spikes enough for split.MIN_RATE_BINS bins). On drift, a unit discovered on the
+# residual held pieces of three neurons and noise (parts 0.2-0.7 alike to the whole), and
+# motion-corrected neurons came apart into 4-6 parts that take turns firing (overlaps 0.0-0.06); parts
+# of 27-78 spikes, too few to tell, were as often pieces of one neuron as another's spikes. The two
+# neurons of dense-overlap seed 2002 have parts 0.92 and 0.98 alike to their unit and overlap 0.90.
+MATCHED_SPLIT_MIN_RATE_OVERLAP = 0.5
 
 spike_dtype = np.dtype([("sample_index", "int64"), ("segment_index", "int64"), ("unit_index", "int64"),
                         ("amplitude", "float32")])
@@ -89,6 +104,142 @@ def residual_of_matching(recording, templates, spikes):
     row = np.searchsorted(np.asarray(templates.unit_ids), spikes["unit_index"])
     return residual_recording(recording, np.transpose(dense, (0, 2, 1)), templates.nbefore, spikes, row,
                               spikes["amplitude"])
+
+
+def sample_matched_waveforms(recording, dense, ids, spikes, channel_table, nbefore, nafter, seed, job_kwargs):
+    """(peaks, template rows, waveforms) of up to ``MAX_SPIKES_PER_SPLIT`` random matched spikes of each
+    unit, time-ordered, each cut on its unit's local channels (the ``channel_table`` row of the biggest
+    channel of its ``dense`` template, (units, T, channels))."""
+    from spikeinterface.core.node_pipeline import base_peak_dtype
+
+    from .snippets import extract_snippets
+    from .split import MAX_SPIKES_PER_SPLIT
+
+    rng = np.random.default_rng(seed)
+    lengths = np.array([recording.get_num_samples(s) for s in range(recording.get_num_segments())])
+    inside = (spikes["sample_index"] >= nbefore) & (spikes["sample_index"] < lengths[spikes["segment_index"]] - nafter)
+    chosen = []
+    for unit in ids:
+        mine = np.flatnonzero((spikes["unit_index"] == unit) & inside)
+        chosen.append(rng.choice(mine, min(mine.size, MAX_SPIKES_PER_SPLIT), replace=False))
+    chosen = np.concatenate(chosen)
+    chosen = chosen[np.lexsort((spikes["sample_index"][chosen], spikes["segment_index"][chosen]))]
+    rows = np.searchsorted(ids, spikes["unit_index"][chosen])
+    peaks = np.zeros(chosen.size, dtype=base_peak_dtype)
+    peaks["sample_index"] = spikes["sample_index"][chosen]
+    peaks["segment_index"] = spikes["segment_index"][chosen]
+    peaks["channel_index"] = np.ptp(dense, axis=1).argmax(axis=1)[rows]
+    return peaks, rows, extract_snippets(recording, peaks, channel_table, nbefore, nafter, job_kwargs)
+
+
+def split_verdict(waveforms, parts, samples, total_samples, sampling_frequency) -> dict:
+    """Whether a split of one unit's matched spikes (``parts`` of ``waveforms``, fired at ``samples``) is
+    two neurons: every part like the whole (``MATCHED_SPLIT_MIN_PART_SIMILARITY``), every two parts
+    firing together (``MATCHED_SPLIT_MIN_RATE_OVERLAP``; a part too small to measure it vetoes the
+    split) and not refractory towards each other the way one neuron's spikes are."""
+    from .pairwise import MAX_MERGE_REFRACTORY_RATIO, UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio, template_similarity
+    from .split import MAX_LAG_SAMPLES, rate_profile_overlap
+
+    whole = waveforms.mean(axis=0)
+    labels = np.unique(parts)
+    similarity = [template_similarity(waveforms[parts == p].mean(axis=0), whole, MAX_LAG_SAMPLES)[0] for p in labels]
+    trains = [np.sort(samples[parts == p]) for p in labels]
+    overlaps, refractory = [], []
+    for a in range(labels.size):
+        for b in range(a + 1, labels.size):
+            overlap = rate_profile_overlap(trains[a], trains[b], total_samples)
+            overlaps.append(-1.0 if overlap is None else overlap)
+            refractory.append(refractory_ratio(trains[a], trains[b], total_samples, sampling_frequency))
+    one_neuron = any(r <= MAX_MERGE_REFRACTORY_RATIO and r != UNINFORMATIVE_REFRACTORY_RATIO for r in refractory)
+    kept = (min(similarity) >= MATCHED_SPLIT_MIN_PART_SIMILARITY and not one_neuron
+            and min(overlaps) >= MATCHED_SPLIT_MIN_RATE_OVERLAP)
+    return dict(kept=bool(kept), part_similarity=[round(float(x), 2) for x in similarity],
+                rate_overlap=round(float(min(overlaps)), 2) if min(overlaps) >= 0 else "too few spikes")
+
+
+def split_matched_units(recording, templates, spikes, channel_table, nbefore, nafter, noise_levels, params,
+                        job_kwargs, first_unit_id, protected=(), log=None):
+    """(``templates`` with each unit that holds two neurons split, the number of units added).
+
+    The split before matching sees only the spikes detection caught, where a small neuron beside a
+    big one is a tenth of the unit (dense-overlap seed 2002: 164 of 1057 spikes) and no part of its
+    own. Matching with the mixed template then finds both neurons' spikes in full (1103 and 2239),
+    and on those the two separate. Each unit's matched spikes (a random ``MAX_SPIKES_PER_SPLIT`` of
+    them) are cut on the unit's local channels (``channel_table`` row of its template's biggest
+    channel) and split as :func:`split.split_mixed_units` splits clusters, one level deep, with
+    isosplit on ``MATCHED_SPLIT_PCA_COMPONENTS`` components; :func:`split_verdict` keeps the splits
+    that are two neurons. A split unit's template is replaced by its first part's, the other parts
+    are new units numbered from ``first_unit_id``. ``protected`` unit ids (a curator's) are not split.
+    """
+    from spikeinterface.core import Templates
+
+    from .sorting_tools import global_sample_index
+    from .split import split_mixed_units
+
+    ids = np.asarray(templates.unit_ids)
+    dense = templates.get_dense_templates()  # (units, T, channels)
+    peaks, rows, waveforms = sample_matched_waveforms(recording, dense, ids, spikes, channel_table, nbefore, nafter,
+                                                      params["seed"], job_kwargs)
+    parts, report = split_mixed_units(rows, lambda index: (index, waveforms[index]), params["min_cluster_size"],
+                                      params["split_max_similarity"], params["seed"], max_depth=1,
+                                      clusterer="isosplit", protected=np.flatnonzero(np.isin(ids, protected)),
+                                      pca_components=MATCHED_SPLIT_PCA_COMPONENTS)
+    samples, total_samples = global_sample_index(peaks, recording)
+    kept = []
+    for entry in report:
+        mine = rows == entry["unit"]
+        verdict = split_verdict(waveforms[mine], parts[mine], samples[mine], total_samples,
+                                recording.sampling_frequency)
+        entry.update(verdict)
+        if verdict["kept"]:
+            kept.append(entry)
+        else:
+            parts[mine] = entry["unit"]
+    if log is not None:
+        for entry in report:
+            log(f"matched spikes of unit {ids[entry['unit']]}: {entry['parts']} parts of {entry['sizes']} sampled "
+                f"spikes, waveform cosine {entry['min_similarity']}, parts to the unit {entry['part_similarity']}, "
+                f"rate overlap {entry['rate_overlap']}: {'split' if entry['kept'] else 'kept whole'}")
+    if not kept:
+        return templates, 0
+    new_parts = np.unique(parts[parts >= ids.size])  # numbered on from the last unit, without gaps
+    parts[parts >= ids.size] = ids.size + np.searchsorted(new_parts, parts[parts >= ids.size])
+    num_new = new_parts.size
+    changed = np.unique(parts[parts != rows])
+    changed = np.union1d(changed, np.unique(rows[parts != rows]))
+    part_labels = np.where(np.isin(parts, changed), parts, -1)
+    refitted = unit_templates(recording, peaks, part_labels, ids.size + num_new, noise_levels, params, job_kwargs)
+    array = np.concatenate([dense, np.zeros((num_new,) + dense.shape[1:], dtype=dense.dtype)])
+    refitted_rows = np.asarray(refitted.unit_ids)
+    array[changed] = refitted.get_dense_templates()[np.searchsorted(refitted_rows, changed)]
+    new_ids = np.concatenate([ids, first_unit_id + np.arange(num_new)])
+    split = Templates(templates_array=array, sampling_frequency=templates.sampling_frequency, nbefore=templates.nbefore,
+                      channel_ids=templates.channel_ids, unit_ids=new_ids, probe=templates.probe,
+                      is_in_uV=templates.is_in_uV)
+    return split.to_sparse(_snr_sparsity(split, noise_levels, params["template_sparsity_threshold"])), num_new
+
+
+def match_hidden_spikes(recording, templates, spikes, noise_levels, params, job_kwargs, window):
+    """``spikes`` and the spikes a matching pass over their residual finds, time-ordered.
+
+    tdc-peeler fits one template per peak; when two units fire within a fraction of a millisecond
+    on shared channels, the bigger spike's fit takes in the smaller one. Fitted above 1.4 times its
+    template, it is kept with amplitude 1 but never subtracted, so the smaller spike is never looked
+    for (dense-overlap seed 2002: 272 of the 1004 missed spikes of well-detected units sat under
+    such a spike). Once every matched spike is subtracted, the smaller one stands alone. A spike
+    found within ``window`` samples of one of its unit's own is the remnant of an imperfect
+    subtraction and is dropped: a neuron does not fire twice that fast.
+    """
+    from .overlaps import refractory_repeats
+    from .sorting_tools import global_sample_index
+
+    residual = residual_of_matching(recording, templates, spikes)
+    hidden = match_spikes(residual, templates, noise_levels, params, job_kwargs)
+    samples, _ = global_sample_index(spikes, recording)
+    hidden_samples, _ = global_sample_index(hidden, recording)
+    hidden = hidden[~refractory_repeats(hidden_samples, hidden["unit_index"], samples, spikes["unit_index"], window)]
+    joined = np.concatenate([spikes, hidden])
+    return joined[np.lexsort((joined["sample_index"], joined["segment_index"]))], hidden.size
 
 
 def join_templates(first, second):

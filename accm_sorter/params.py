@@ -295,6 +295,20 @@ PARAMETERS: tuple[Parameter, ...] = (
               "units estimated from detected spikes alone are too big (detection keeps the noise-enlarged ones), "
               "and matching drops spikes fitted below 0.7 of the template. 0 matches once. Each pass costs one "
               "matching pass.", low=0, high=10),
+    Parameter("split_matched_units", True, bool, "matching",
+              "After matching (and discovery), split each unit once more on its matched spikes (up to 4000 of "
+              "them, PCA of their waveforms on the unit's local channels, isosplit), and match again when one "
+              "splits. Before matching a small neuron beside a big one is a tenth of their joint cluster and no "
+              "part of its own; matching finds both in full. A split is kept when its parts differ (cosine under "
+              "split_max_similarity), each looks like the unit (cosine >= 0.8), every two fire together over the "
+              "recording (rate-profile overlap >= 0.5, 80 spikes a part at least) and their trains are not "
+              "refractory towards each other. Used only when matching_method is not 'none'."),
+    Parameter("hidden_spike_passes", 1, int, "matching",
+              "After the last matching pass, subtract every matched spike and match the same templates on what is "
+              "left, this many times: a spike fired within a fraction of a millisecond of a bigger one on the same "
+              "channels is taken into the bigger one's fit and never looked for. A spike found within the censor "
+              "window of its unit's own is dropped. 0 switches it off. Each pass costs one matching pass.",
+              low=0, high=5),
     Parameter("discover_units", True, bool, "matching",
               "After matching, subtract every matched spike and look for units on what is left: matched-filter "
               "detection on the residual, clustered by SpikeInterface's iterative isosplit; the new units' "

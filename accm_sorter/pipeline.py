@@ -90,6 +90,17 @@ class StageTimer:
         return self.timings
 
 
+def with_new_units(new_templates, to_final, main_channels, confidence_by_unit, curated_ids, num_units):
+    """The per-unit arrays of the sorting extended by units found after clustering (``new_templates``):
+    each new unit is its own final unit, has its template's biggest channel, and no classifier confidence."""
+    num_new = len(new_templates.unit_ids)
+    return (np.concatenate([to_final, num_units + np.arange(num_new)]),
+            np.concatenate([main_channels, np.abs(new_templates.get_dense_templates()).max(axis=1).argmax(axis=1)]),
+            np.concatenate([confidence_by_unit, np.full(num_new, np.nan)]),
+            np.concatenate([curated_ids, np.full(num_new, "", dtype=object)]),
+            num_units + num_new)
+
+
 def build_sorting(spikes, sampling_frequency, num_units, num_segments):
     from spikeinterface.core import NumpySorting
 
@@ -487,14 +498,23 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                     preprocessed, matching_templates, discovered, spikes, noise_levels, params, job_kwargs, censor,
                     protected=curated_rows, log=log)
             if discovered is not None:
-                num_new = len(discovered.unit_ids)
-                to_final = np.concatenate([to_final, num_units + np.arange(num_new)])
-                main_channels = np.concatenate(
-                    [main_channels, np.abs(discovered.get_dense_templates()).max(axis=1).argmax(axis=1)])
-                confidence_by_unit = np.concatenate([confidence_by_unit, np.full(num_new, np.nan)])
-                curated_ids = np.concatenate([curated_ids, np.full(num_new, "", dtype=object)])
-                num_units += num_new
-                log(f"template matching with {num_new} discovered units: {spikes.size} spikes of "
+                to_final, main_channels, confidence_by_unit, curated_ids, num_units = with_new_units(
+                    discovered, to_final, main_channels, confidence_by_unit, curated_ids, num_units)
+                log(f"template matching with {len(discovered.unit_ids)} discovered units: {spikes.size} spikes of "
+                    f"{len(matching_templates.unit_ids)} units")
+        if params["split_matched_units"]:
+            timer.start("matching")
+            from .matching import split_matched_units
+
+            matching_templates, num_new = split_matched_units(
+                preprocessed, matching_templates, spikes, table, nbefore, nafter, noise_levels, params, job_kwargs,
+                first_unit_id=len(to_final), protected=np.flatnonzero(to_final < num_curated), log=log)
+            if num_new:
+                new_units = matching_templates.select_units(matching_templates.unit_ids[-num_new:])
+                to_final, main_channels, confidence_by_unit, curated_ids, num_units = with_new_units(
+                    new_units, to_final, main_channels, confidence_by_unit, curated_ids, num_units)
+                spikes = match_spikes(preprocessed, matching_templates, noise_levels, params, job_kwargs)
+                log(f"template matching with {num_new} units split off: {spikes.size} spikes of "
                     f"{len(matching_templates.unit_ids)} units")
         if params["template_rescaling_passes"]:
             timer.start("matching")
@@ -505,6 +525,16 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             spikes = match_spikes(preprocessed, matching_templates, noise_levels, params, job_kwargs)
             log(f"template matching with {num_rescaled} templates rescaled to their spikes' median amplitude: "
                 f"{spikes.size} spikes of {len(matching_templates.unit_ids)} units")
+        if params["hidden_spike_passes"]:
+            timer.start("matching")
+        for _ in range(params["hidden_spike_passes"]):
+            from .matching import match_hidden_spikes
+
+            spikes, num_hidden = match_hidden_spikes(preprocessed, matching_templates, spikes, noise_levels, params,
+                                                     job_kwargs, censor)
+            log(f"template matching on the residual: {num_hidden} spikes hidden under others")
+            if num_hidden == 0:
+                break
         if params["duplicate_min_similarity"] < 1.0:
             from .matching import join_duplicate_units
 

@@ -129,7 +129,7 @@ def find_parts(features, min_cluster_size, clusterer, seed):
 
 
 def split_mixed_units(labels, waveforms_of, min_cluster_size, max_similarity, seed, max_depth, clusterer,
-                      protected=(), log=None) -> tuple[np.ndarray, list]:
+                      protected=(), log=None, pca_components=PCA_COMPONENTS) -> tuple[np.ndarray, list]:
     """Labels with mixed units split into their parts (new units numbered after the existing ones).
 
     ``waveforms_of(index)`` returns the spikes of ``index`` it has waveforms for and those
@@ -155,7 +155,7 @@ def split_mixed_units(labels, waveforms_of, min_cluster_size, max_similarity, se
             continue
         fit = np.sort(rng.choice(chosen.size, min(chosen.size, MAX_SPIKES_PER_SPLIT), replace=False))
         flat = waves.reshape(chosen.size, -1)
-        pca = PCA(min(PCA_COMPONENTS, flat.shape[1]), random_state=seed).fit(flat[fit])
+        pca = PCA(min(pca_components, *flat[fit].shape), random_state=seed).fit(flat[fit])
         parts = find_parts(pca.transform(flat[fit]), min_cluster_size, clusterer, seed)
         kept_parts = np.unique(parts[parts >= 0])
         if kept_parts.size < 2:
