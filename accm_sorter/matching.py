@@ -40,6 +40,12 @@ spike_dtype = np.dtype([("sample_index", "int64"), ("segment_index", "int64"), (
                         ("amplitude", "float32")])
 
 
+def has_full_window(recording, spikes, nbefore, nafter) -> np.ndarray:
+    """True for the ``spikes`` far enough from their segment's edges for a full window around them."""
+    lengths = np.array([recording.get_num_samples(s) for s in range(recording.get_num_segments())])
+    return (spikes["sample_index"] >= nbefore) & (spikes["sample_index"] < lengths[spikes["segment_index"]] - nafter)
+
+
 def unit_templates(recording, peaks, labels, num_units, noise_levels, params, job_kwargs):
     """SpikeInterface ``Templates`` of accm's units from their assigned spikes, sparsified by SNR."""
     from spikeinterface.core import Templates
@@ -55,10 +61,7 @@ def unit_templates(recording, peaks, labels, num_units, noise_levels, params, jo
     spikes["sample_index"] = peaks["sample_index"][assigned]
     spikes["unit_index"] = labels[assigned]
     spikes["segment_index"] = peaks["segment_index"][assigned]
-    # spikes too close to a segment's edges have no full window
-    lengths = np.array([recording.get_num_samples(s) for s in range(recording.get_num_segments())])
-    inside = (spikes["sample_index"] >= nbefore) & (spikes["sample_index"] < lengths[spikes["segment_index"]] - nafter)
-    spikes = spikes[inside]
+    spikes = spikes[has_full_window(recording, spikes, nbefore, nafter)]
     spikes = spikes[np.lexsort((spikes["sample_index"], spikes["segment_index"]))]
     unit_ids = np.arange(num_units)
     array = estimate_templates_with_accumulator(recording, spikes, unit_ids, nbefore, nafter,
@@ -116,8 +119,7 @@ def sample_matched_waveforms(recording, dense, ids, spikes, channel_table, nbefo
     from .split import MAX_SPIKES_PER_SPLIT
 
     rng = np.random.default_rng(seed)
-    lengths = np.array([recording.get_num_samples(s) for s in range(recording.get_num_segments())])
-    inside = (spikes["sample_index"] >= nbefore) & (spikes["sample_index"] < lengths[spikes["segment_index"]] - nafter)
+    inside = has_full_window(recording, spikes, nbefore, nafter)
     chosen = []
     for unit in ids:
         mine = np.flatnonzero((spikes["unit_index"] == unit) & inside)
@@ -163,7 +165,7 @@ def split_matched_units(recording, templates, spikes, channel_table, nbefore, na
 
     The split before matching sees only the spikes detection caught, where a small neuron beside a
     big one is a tenth of the unit (dense-overlap seed 2002: 164 of 1057 spikes) and no part of its
-    own. Matching with the mixed template then finds both neurons' spikes in full (1103 and 2239),
+    own. Matching with the mixed template then finds both neurons' spikes in full (1182 and 2509),
     and on those the two separate. Each unit's matched spikes (a random ``MAX_SPIKES_PER_SPLIT`` of
     them) are cut on the unit's local channels (``channel_table`` row of its template's biggest
     channel) and split as :func:`split.split_mixed_units` splits clusters, one level deep, with
@@ -205,8 +207,7 @@ def split_matched_units(recording, templates, spikes, channel_table, nbefore, na
     new_parts = np.unique(parts[parts >= ids.size])  # numbered on from the last unit, without gaps
     parts[parts >= ids.size] = ids.size + np.searchsorted(new_parts, parts[parts >= ids.size])
     num_new = new_parts.size
-    changed = np.unique(parts[parts != rows])
-    changed = np.union1d(changed, np.unique(rows[parts != rows]))
+    changed = np.union1d(parts[parts != rows], rows[parts != rows])  # split units and their new parts
     part_labels = np.where(np.isin(parts, changed), parts, -1)
     refitted = unit_templates(recording, peaks, part_labels, ids.size + num_new, noise_levels, params, job_kwargs)
     array = np.concatenate([dense, np.zeros((num_new,) + dense.shape[1:], dtype=dense.dtype)])

@@ -527,9 +527,8 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                 f"{spikes.size} spikes of {len(matching_templates.unit_ids)} units")
         if params["hidden_spike_passes"]:
             timer.start("matching")
-        for _ in range(params["hidden_spike_passes"]):
             from .matching import match_hidden_spikes
-
+        for _ in range(params["hidden_spike_passes"]):
             spikes, num_hidden = match_hidden_spikes(preprocessed, matching_templates, spikes, noise_levels, params,
                                                      job_kwargs, censor)
             log(f"template matching on the residual: {num_hidden} spikes hidden under others")
