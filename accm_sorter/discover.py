@@ -22,6 +22,7 @@ from copy import deepcopy
 import numpy as np
 
 from .detect import detect_spikes, spike_prototype
+from .matching import spike_dtype
 
 # SVD features as lupin takes them for clustering (SpikeInterface 0.105 defaults of the sorter)
 FEATURE_MS_BEFORE = 0.3
@@ -29,20 +30,27 @@ FEATURE_MS_AFTER = 1.3
 FEATURE_RADIUS_UM = 120.0
 FEATURE_COMPONENTS = 5
 SPLIT_PCA_FEATURES = 4
-# lupin's template cleaning inside the clustering: templates below 4 noise levels peak-to-peak, or
-# whose peak sits more than 0.2 ms off the spike time, are noise or parts of collisions
-CLEAN_MIN_SNR = 4.0
+# lupin's template cleaning inside the clustering: templates whose peak sits more than 0.2 ms off the
+# spike time are noise or parts of collisions, and so are templates below 4 noise levels peak-to-peak
+# on every channel, for units matched like the others ...
+MATCHED_MIN_SNR = 4.0
+# ... while the small units (``discover_small_units``) go down to 2.5: dense-overlap 2002's GT 14, 15
+# and 19 (2.2-2.9 noise levels, 1,900-2,900 residual peaks each) were clusters of their own there
+SMALL_MIN_SNR = 2.5
 CLEAN_MAX_JITTER_MS = 0.2
 CLEAN_SPARSIFY_THRESHOLD = 1.0
 # a new unit needs at least this many residual spikes: noise clusters had 2-30 on low-snr
 MIN_SPIKES_FACTOR = 2
-# a discovered unit whose spikes were mostly one known unit's in the first matching pass is that unit
-MAX_TAKEN_FRACTION = 0.5
+# a discovered unit meeting a known unit's spikes this many times more often than chance copies it there ...
+COPY_CHANCE_FACTOR = 4.0
+COPY_MIN_FRACTION = 0.05
+# ... and one whose spikes are mostly such copies is no unit of its own
+MAX_COPIED_FRACTION = 0.5
 # second passes run to drop copies before discovery gives up and keeps the first pass
 MAX_PASSES = 3
 
 
-def cluster_residual_peaks(residual, peaks, noise_levels, min_firing_rate, seed, job_kwargs):
+def cluster_residual_peaks(residual, peaks, noise_levels, min_snr, min_firing_rate, seed, job_kwargs):
     """Cluster labels (-1 = none) of the residual's peaks by SpikeInterface's iterative isosplit."""
     from spikeinterface.sortingcomponents.clustering import find_clusters_from_peaks
     from spikeinterface.sortingcomponents.clustering.method_list import clustering_methods
@@ -51,7 +59,7 @@ def cluster_residual_peaks(residual, peaks, noise_levels, min_firing_rate, seed,
     kwargs["peaks_svd"].update(ms_before=FEATURE_MS_BEFORE, ms_after=FEATURE_MS_AFTER, radius_um=FEATURE_RADIUS_UM,
                                n_components=FEATURE_COMPONENTS)
     kwargs["split"]["method_kwargs"]["n_pca_features"] = SPLIT_PCA_FEATURES
-    kwargs["clean_templates"].update(min_snr=CLEAN_MIN_SNR, max_jitter_ms=CLEAN_MAX_JITTER_MS,
+    kwargs["clean_templates"].update(min_snr=min_snr, max_jitter_ms=CLEAN_MAX_JITTER_MS,
                                      sparsify_threshold=CLEAN_SPARSIFY_THRESHOLD)
     kwargs["clean_low_firing"]["min_firing_rate"] = min_firing_rate
     kwargs.update(noise_levels=noise_levels, seed=seed, verbose=False)
@@ -61,16 +69,18 @@ def cluster_residual_peaks(residual, peaks, noise_levels, min_firing_rate, seed,
 
 
 def discover_units(recording, templates, spikes, noise_levels, params, job_kwargs, first_unit_id, log=None):
-    """Templates of the units found on the residual of matching (``None`` when there is none).
+    """Units found on the residual of matching: (templates to match, small units), each ``None`` when there is none.
 
-    ``templates`` and ``spikes`` are the first matching pass; the new units get ids from
-    ``first_unit_id`` on. A cluster becomes a unit when it has at least
-    ``MIN_SPIKES_FACTOR * min_cluster_size`` spikes and its template's peak-to-peak reaches
-    ``discover_min_snr`` noise levels on its best channel.
+    ``templates`` and ``spikes`` are the first matching pass. The residual's peaks are clustered with
+    lupin's template cleaning at ``MATCHED_MIN_SNR``; a cluster of at least
+    ``MIN_SPIKES_FACTOR * min_cluster_size`` spikes whose template's peak-to-peak reaches
+    ``discover_min_snr`` noise levels on its best channel is matched like any unit, its template numbered
+    from ``first_unit_id`` on. With ``discover_small_units`` the peaks no such unit took are clustered
+    again, cleaned at ``SMALL_MIN_SNR``, into small units (``SmallUnits``, numbered from 0): tdc-peeler's
+    detector, at ``matching_threshold``, never looks where spikes this small are, so they keep the peaks
+    the matched filter found on the residual.
     """
-    from spikeinterface.core import Templates
-
-    from .matching import residual_of_matching, unit_templates
+    from .matching import residual_of_matching
 
     residual = residual_of_matching(recording, templates, spikes)
     matched_filter = dict(params, detect_method="matched_filtering")
@@ -80,61 +90,118 @@ def discover_units(recording, templates, spikes, noise_levels, params, job_kwarg
     if peaks.size < min_spikes:
         if log is not None:
             log(f"discovery: {peaks.size} peaks on the residual of matching, too few to cluster")
-        return None
-    labels = cluster_residual_peaks(residual, peaks, noise_levels, params["min_firing_rate"], params["seed"],
-                                    job_kwargs)
+        return None, None
+    found, labels, snr = residual_clusters(residual, peaks, MATCHED_MIN_SNR, min_spikes, noise_levels, params,
+                                           job_kwargs)
+    kept = snr >= params["discover_min_snr"]
+    if log is not None:
+        log(f"discovery: {peaks.size} peaks on the residual of matching, {snr.size} clusters of >= {min_spikes} "
+            f"spikes, {int(kept.sum())} kept as new units (template SNR {np.round(np.sort(snr)[::-1], 1).tolist()})")
+    to_match = templates_of(found, np.asarray(found.unit_ids)[kept], first_unit_id) if kept.any() else None
+    if not params["discover_small_units"]:
+        return to_match, None
+    left = peaks[~np.isin(labels, np.flatnonzero(kept))]
+    if left.size < min_spikes:
+        return to_match, None
+    found, labels, snr = residual_clusters(residual, left, SMALL_MIN_SNR, min_spikes, noise_levels, params,
+                                           job_kwargs)
+    if log is not None:
+        log(f"discovery: {left.size} peaks left, {snr.size} small units of >= {min_spikes} spikes (template SNR "
+            f"{np.round(np.sort(snr)[::-1], 1).tolist()})")
+    if snr.size == 0:
+        return to_match, None
+    mine = labels >= 0
+    small_spikes = np.zeros(int(mine.sum()), dtype=spike_dtype)
+    small_spikes["sample_index"] = left["sample_index"][mine]
+    small_spikes["segment_index"] = left["segment_index"][mine]
+    small_spikes["unit_index"] = labels[mine]
+    small_spikes["amplitude"] = 1.0
+    return to_match, SmallUnits(found, small_spikes)
+
+
+def residual_clusters(residual, peaks, min_snr, min_spikes, noise_levels, params, job_kwargs):
+    """(templates, labels, best-channel SNR) of the clusters of ``peaks`` with at least ``min_spikes`` spikes.
+
+    Labels number those clusters from 0 (-1: none); the SNR is the template's peak-to-peak on its best
+    channel over the median noise level.
+    """
+    from .matching import unit_templates
+
+    labels = cluster_residual_peaks(residual, peaks, noise_levels, min_snr, params["min_firing_rate"],
+                                    params["seed"], job_kwargs)
     sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, dtype="int64")
     big = np.flatnonzero(sizes >= min_spikes)
     renumber = np.full(sizes.size + 1, -1, dtype="int64")  # the last entry maps -1 to -1
     renumber[big] = np.arange(big.size)
     labels = renumber[labels]
     if big.size == 0:
-        if log is not None:
-            log(f"discovery: {peaks.size} peaks on the residual, no cluster of {min_spikes} spikes")
-        return None
+        return None, labels, np.zeros(0)
     found = unit_templates(residual, peaks, labels, big.size, noise_levels, params, job_kwargs)
-    dense = found.get_dense_templates()
+    # a cluster without a template (none of its spikes had a full window) is no unit
+    labels = np.where(np.isin(labels, np.asarray(found.unit_ids)), labels, -1)
+    found = templates_of(found, np.asarray(found.unit_ids), 0)
+    labels = np.where(labels >= 0, np.searchsorted(np.unique(labels[labels >= 0]), labels), -1)
     noise = np.median(noise_levels[np.isfinite(noise_levels)])
-    snr = np.ptp(dense, axis=1).max(axis=1) / noise
-    kept = snr >= params["discover_min_snr"]
-    if log is not None:
-        log(f"discovery: {peaks.size} peaks on the residual of matching, {big.size} clusters of >= {min_spikes} "
-            f"spikes, {int(kept.sum())} kept as new units (template SNR {np.round(np.sort(snr)[::-1], 1).tolist()})")
-    if not kept.any():
-        return None
-    return Templates(templates_array=dense[kept], sampling_frequency=found.sampling_frequency, nbefore=found.nbefore,
-                     channel_ids=found.channel_ids, unit_ids=first_unit_id + np.arange(int(kept.sum())),
-                     probe=found.probe, is_in_uV=found.is_in_uV)
+    return found, labels, np.ptp(found.get_dense_templates(), axis=1).max(axis=1) / noise
 
 
-def find_copies(unit_index, samples, first_unit_index, first_samples, new_ids, window, protected=()):
-    """The discovered units (of ``new_ids``) that are copies of a known unit, as {discovered: known}.
+def templates_of(templates, unit_ids, first_unit_id):
+    """``templates``' units ``unit_ids``, renumbered from ``first_unit_id``."""
+    return dataclasses.replace(templates.select_units(unit_ids),
+                               unit_ids=first_unit_id + np.arange(len(unit_ids)))
 
-    A discovered unit is new when its spikes are new: they were on the residual because the first
-    pass had no template for them. When at least ``MAX_TAKEN_FRACTION`` of its spikes in the second pass
-    lie within ``window`` samples of the first pass's spikes of one known unit, it is a copy of that
-    unit (the remnant of an imperfect subtraction, or spikes the first pass missed). Joined to the
-    known unit, such copies brought 31-38 % foreign spikes into two tetrode units (precision
-    1.00 -> 0.65). ``protected`` (curated) units are not looked at.
+
+def find_copies(unit_index, samples, first_unit_index, first_samples, new_ids, window, total_samples,
+                protected=()):
+    """Which of a second pass's spikes are copies of a known unit's, and the known units each discovered unit copies.
+
+    A discovered unit is new where its spikes are new: they were on the residual because the first
+    pass had no template for them. Where a template fits its neuron imperfectly (motion interpolation,
+    a big neuron's amplitude jitter) its subtraction leaves a remnant, and a discovered unit can match
+    that remnant at the neuron's spike times. A real neuron's spikes meet a known unit's within
+    ``window`` samples by chance (with probability ``1 - exp(-rate * (2 window + 1))``; 1-2 % for one
+    unit at 15-25 Hz); a discovered unit that meets a known unit's first-pass spikes at least
+    ``COPY_CHANCE_FACTOR`` times as often, and on at least ``COPY_MIN_FRACTION`` of its spikes, copies
+    that unit there, and those spikes are marked. Returns (mask over the second pass's spikes,
+    {discovered: [(known, fraction of its spikes), ...]}). ``protected`` (curated) units are not looked at.
     """
     from .sorting_tools import distance_to_nearest
 
     first_units = np.setdiff1d(np.unique(first_unit_index), protected)
     first_trains = [np.sort(first_samples[first_unit_index == u]) for u in first_units]
-    copies = {}
+    copied = np.zeros(unit_index.size, dtype=bool)
+    sources = {}
     for new in new_ids:
-        mine = samples[unit_index == new]
-        if mine.size == 0 or first_units.size == 0:
-            continue
-        taken = np.array([np.mean(distance_to_nearest(train, mine) <= window) for train in first_trains])
-        if taken.max() >= MAX_TAKEN_FRACTION:
-            copies[int(new)] = (int(first_units[taken.argmax()]), float(taken.max()))
-    return copies
+        mine = np.flatnonzero(unit_index == new)
+        for known, train in zip(first_units, first_trains):
+            if mine.size == 0 or train.size == 0:
+                continue
+            near = distance_to_nearest(train, samples[mine]) <= window
+            chance = 1.0 - np.exp(-train.size * (2 * window + 1) / total_samples)
+            fraction = float(near.mean())
+            if fraction >= max(COPY_MIN_FRACTION, COPY_CHANCE_FACTOR * chance):
+                copied[mine[near]] = True
+                sources.setdefault(int(new), []).append((int(known), fraction))
+    return copied, sources
+
+
+def judge_copies(unit_index, ids, copied, min_spikes):
+    """(unit, spikes, copied spikes, kept?) for each of ``ids``: a unit stays when at least ``min_spikes`` of its
+    spikes copy no other unit's and at most ``MAX_COPIED_FRACTION`` of them do."""
+    verdicts = []
+    for unit in ids:
+        mine = unit_index == unit
+        total, num_copied = int(mine.sum()), int(copied[mine].sum())
+        keep = total - num_copied >= min_spikes and num_copied <= MAX_COPIED_FRACTION * total
+        verdicts.append((int(unit), total, num_copied, keep))
+    return verdicts
 
 
 def match_with_discovered(recording, templates, discovered, first_pass, noise_levels, params, job_kwargs, window,
                           protected=(), log=None):
     """Second matching pass with the discovered units that are not copies of a known unit.
+
+    The spikes of a kept discovered unit that copy a known unit's (``find_copies``) are removed.
 
     Returns (spikes, the discovered units kept, the templates matched: known and kept), or
     (``first_pass``, ``None``, ``templates``) when none is kept. Copies are removed and the pass is run again
@@ -146,20 +213,68 @@ def match_with_discovered(recording, templates, discovered, first_pass, noise_le
 
     first_id = int(np.asarray(discovered.unit_ids)[0])
     first_samples, _ = global_sample_index(first_pass, recording)
+    min_spikes = MIN_SPIKES_FACTOR * params["min_cluster_size"]
     for _ in range(MAX_PASSES):
         joined = with_units(templates, discovered, noise_levels, params)
         spikes = match_spikes(recording, joined, noise_levels, params, job_kwargs)
-        samples, _ = global_sample_index(spikes, recording)
-        copies = find_copies(spikes["unit_index"], samples, first_pass["unit_index"], first_samples,
-                             discovered.unit_ids, window, protected)
-        if log is not None:
-            for new, (known, fraction) in copies.items():
-                log(f"discovered unit {new} dropped: {fraction:.0%} of its spikes were unit {known}'s in the first pass")
-        if not copies:
-            return spikes, discovered, joined
-        kept = np.setdiff1d(discovered.unit_ids, list(copies))
+        samples, total_samples = global_sample_index(spikes, recording)
+        copied, sources = find_copies(spikes["unit_index"], samples, first_pass["unit_index"], first_samples,
+                                      discovered.unit_ids, window, total_samples, protected)
+        dropped = []
+        for new, total, num_copied, keep in judge_copies(spikes["unit_index"], discovered.unit_ids, copied, min_spikes):
+            if not keep:
+                dropped.append(new)
+            if log is not None and num_copied:
+                what = "dropped" if not keep else f"kept, {num_copied} copied spikes removed"
+                copies_of = ", ".join(f"{fraction:.0%} with unit {known}" for known, fraction in sources[new])
+                log(f"discovered unit {new} {what}: of its {total} spikes {num_copied} copy a known unit's ({copies_of})")
+        if not dropped:
+            return spikes[~copied], discovered, joined
+        kept = np.setdiff1d(discovered.unit_ids, dropped)
         if kept.size == 0:
             return first_pass, None, templates
-        discovered = dataclasses.replace(discovered.select_units(kept), unit_ids=first_id + np.arange(kept.size))
+        discovered = templates_of(discovered, kept, first_id)
     # copies left after the last pass: the pass with them is not trusted
     return first_pass, None, templates
+
+
+@dataclasses.dataclass
+class SmallUnits:
+    """Units found on the residual too small for template matching: templates (ids from 0) and spikes."""
+
+    templates: object
+    spikes: np.ndarray
+
+
+def keep_small_units(recording, spikes, small, first_unit_id, window, min_spikes, protected=(), log=None):
+    """``spikes`` with the small units' spikes that copy no other unit's, and the small units kept (or ``None``).
+
+    A small unit's spike that sits on a spike of a unit it meets far more often than chance
+    (``find_copies``) is the remnant of that unit's subtraction and is removed; a small unit with fewer
+    than ``min_spikes`` spikes left, or more than ``MAX_COPIED_FRACTION`` of them removed, is no unit.
+    The kept units are numbered from ``first_unit_id``.
+    """
+    from .sorting_tools import global_sample_index
+
+    samples, total_samples = global_sample_index(spikes, recording)
+    small_samples, _ = global_sample_index(small.spikes, recording)
+    ids = np.asarray(small.templates.unit_ids)
+    copied, sources = find_copies(small.spikes["unit_index"], small_samples, spikes["unit_index"], samples, ids,
+                                  window, total_samples, protected)
+    kept = []
+    for unit, total, num_copied, keep in judge_copies(small.spikes["unit_index"], ids, copied, min_spikes):
+        if keep:
+            kept.append(unit)
+        elif log is not None:
+            log(f"small unit {unit} dropped: {total - num_copied} of its {total} residual spikes copy no other unit's")
+    if not kept:
+        return spikes, None
+    chosen = np.isin(small.spikes["unit_index"], kept) & ~copied
+    added = small.spikes[chosen]
+    added["unit_index"] = first_unit_id + np.searchsorted(kept, added["unit_index"])
+    both = np.concatenate([spikes, added])
+    if log is not None:
+        log(f"{len(kept)} small units found on the residual keep {added.size} spikes ({int(copied.sum())} "
+            f"copies of other units' spikes removed)")
+    return both[np.lexsort((both["sample_index"], both["segment_index"]))], templates_of(small.templates, kept,
+                                                                                            first_unit_id)

@@ -316,6 +316,12 @@ PARAMETERS: tuple[Parameter, ...] = (
               "dropped. Finds small neurons that the threshold crossed too rarely to cluster (low-snr seed 2003: "
               "15 -> 19/25 well detected, mean accuracy 0.591 -> 0.763; docs/method.md). Costs about 30 s, most "
               "of it compiling isosplit. Used only when matching_method is not 'none'."),
+    Parameter("discover_small_units", True, bool, "matching",
+              "Also keep the units too small for the matching engine's detector: the residual peaks that no "
+              "discovered unit took are clustered again (templates down to 2.5 noise levels), and each cluster "
+              "keeps its peaks as spikes, less those sitting on another unit's spikes far more often than chance "
+              "(remnants of that unit's subtraction). Dense-overlap seed 2002: mean accuracy 0.735 -> 0.839 "
+              "(docs/method.md, 9h). Costs one more clustering of the residual. Needs discover_units."),
     Parameter("discover_min_snr", 3.0, float, "matching",
               "A unit found on the residual is kept when its template's peak-to-peak reaches this many noise "
               "levels on its best channel.", low=0.0, high=100.0),

@@ -484,14 +484,15 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         spikes = match_spikes(preprocessed, matching_templates, noise_levels, params, job_kwargs)
         log(f"template matching ({params['matching_method']}): {spikes.size} spikes of "
             f"{len(matching_templates.unit_ids)} units")
+        small_units = None
         if params["discover_units"]:
             timer.start("discover")
             from .discover import discover_units, match_with_discovered
 
             curated_rows = np.flatnonzero(to_final < num_curated)  # matching unit ids of curated units
             # new units are numbered after every unit of the sorting, curated-only ones included
-            discovered = discover_units(preprocessed, matching_templates, spikes, noise_levels, params, job_kwargs,
-                                        first_unit_id=len(to_final), log=log)
+            discovered, small_units = discover_units(preprocessed, matching_templates, spikes, noise_levels, params,
+                                                     job_kwargs, first_unit_id=len(to_final), log=log)
             if discovered is not None:
                 timer.start("matching")
                 spikes, discovered, matching_templates = match_with_discovered(
@@ -534,6 +535,16 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             log(f"template matching on the residual: {num_hidden} spikes hidden under others")
             if num_hidden == 0:
                 break
+        if small_units is not None:
+            from .discover import MIN_SPIKES_FACTOR, keep_small_units
+
+            # after every matching pass: matching again would drop the spikes it cannot see
+            spikes, small_units = keep_small_units(preprocessed, spikes, small_units, len(to_final), censor,
+                                                   MIN_SPIKES_FACTOR * params["min_cluster_size"],
+                                                   protected=np.flatnonzero(to_final < num_curated), log=log)
+            if small_units is not None:
+                to_final, main_channels, confidence_by_unit, curated_ids, num_units = with_new_units(
+                    small_units, to_final, main_channels, confidence_by_unit, curated_ids, num_units)
         if params["duplicate_min_similarity"] < 1.0:
             from .matching import join_duplicate_units
 

@@ -597,7 +597,8 @@ def test_discovery_finds_the_unit_that_matching_had_no_template_for(short_gt):
     matched["amplitude"] = 1.0
     templates = every.select_units(np.setdiff1d(every.unit_ids, [hidden]))
 
-    found = discover_units(recording, templates, matched, noise, params, job_kwargs, first_unit_id=100)
+    found, residual_spikes = discover_units(recording, templates, matched, noise, params, job_kwargs,
+                                            first_unit_id=100)
 
     assert found is not None
     assert np.asarray(found.unit_ids)[0] == 100
@@ -607,21 +608,59 @@ def test_discovery_finds_the_unit_that_matching_had_no_template_for(short_gt):
     assert len(found.unit_ids) <= 2, similarity
 
 
-def test_a_discovered_unit_that_takes_a_known_units_spikes_is_a_copy():
+def test_a_discovered_units_spikes_on_a_known_units_are_copies():
     from accm_sorter.discover import find_copies
 
     rng = np.random.default_rng(0)
     known = np.sort(rng.choice(1_000_000, 400, replace=False))  # unit 3's spikes in the first pass
     fresh = np.sort(rng.choice(1_000_000, 300, replace=False))  # spikes nobody had
-    # second pass: unit 7 took 80 % of unit 3's spikes (1 sample later), unit 8 has the fresh ones
-    taken = known[:320] + 1
-    samples = np.concatenate([known[320:], taken, fresh])
-    units = np.concatenate([np.full(80, 3), np.full(320, 7), np.full(300, 8)])
-    copies = find_copies(units, samples, np.full(known.size, 3), known, new_ids=[7, 8], window=5)
-    assert list(copies) == [7]
-    assert copies[7][0] == 3 and copies[7][1] == 1.0
+    # second pass: unit 3 again; unit 7 sits on 320 of unit 3's spikes (1 sample later); unit 8 has
+    # the fresh spikes and 40 remnants of unit 3's (2 samples later)
+    samples = np.concatenate([known, known[:320] + 1, fresh, known[320:360] + 2])
+    units = np.concatenate([np.full(400, 3), np.full(320, 7), np.full(300, 8), np.full(40, 8)])
+    copied, sources = find_copies(units, samples, np.full(known.size, 3), known, new_ids=[7, 8], window=5,
+                                  total_samples=1_000_000)
+    assert copied[units == 7].all()
+    assert not copied[:400].any()  # the known unit's own spikes
+    # unit 8's fresh spikes meet unit 3's by chance (expected 300 * 0.0044 = 1.3); only the remnants are copies
+    assert copied[units == 8].sum() <= 42 and copied[-40:].all()
+    assert sources[7] == [(3, 1.0)] and sources[8][0][0] == 3
     # a curated (protected) unit is not looked at
-    assert find_copies(units, samples, np.full(known.size, 3), known, new_ids=[7, 8], window=5, protected=[3]) == {}
+    copied, sources = find_copies(units, samples, np.full(known.size, 3), known, new_ids=[7, 8], window=5,
+                                  total_samples=1_000_000, protected=[3])
+    assert not copied.any() and sources == {}
+
+
+def test_small_units_keep_their_own_residual_spikes_and_lose_the_copies():
+    from spikeinterface.core import NumpyRecording, Templates
+
+    from accm_sorter.discover import SmallUnits, keep_small_units
+    from accm_sorter.matching import spike_dtype
+
+    def spike_vector(samples, units):
+        out = np.zeros(samples.size, dtype=spike_dtype)
+        out["sample_index"], out["unit_index"], out["amplitude"] = samples, units, 1.0
+        return out[np.argsort(samples, kind="stable")]
+
+    recording = NumpyRecording(np.zeros((1_000_000, 1), dtype="float32"), sampling_frequency=30000.0)
+    rng = np.random.default_rng(1)
+    known = np.sort(rng.choice(1_000_000, 400, replace=False))  # matched unit 0
+    fresh = np.sort(rng.choice(1_000_000, 330, replace=False))
+    spikes = spike_vector(known, np.zeros(400, dtype="int64"))
+    # small unit 0: 300 spikes of its own and 200 remnants of unit 0's; small unit 1: 30 of its own, 100 remnants
+    small_spikes = spike_vector(np.concatenate([fresh[:300], known[:200] + 2, fresh[300:], known[200:300] - 1]),
+                                np.repeat([0, 0, 1, 1], [300, 200, 30, 100]))
+    templates = Templates(templates_array=np.ones((2, 10, 1), dtype="float32"), sampling_frequency=30000.0,
+                          nbefore=3, unit_ids=np.arange(2))
+
+    both, kept = keep_small_units(recording, spikes, SmallUnits(templates, small_spikes), first_unit_id=7, window=5,
+                                  min_spikes=40)
+
+    assert list(kept.unit_ids) == [7]
+    added = both[both["unit_index"] == 7]
+    assert 298 <= added.size <= 300  # its own spikes; a fresh one may meet unit 0's by chance
+    assert np.isin(added["sample_index"], fresh[:300]).all()
+    assert (both["unit_index"] == 0).sum() == 400 and np.all(np.diff(both["sample_index"]) >= 0)
 
 
 def test_motion_estimate_is_the_same_on_every_run():
