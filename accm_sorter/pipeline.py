@@ -543,8 +543,12 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                                                    MIN_SPIKES_FACTOR * params["min_cluster_size"],
                                                    protected=np.flatnonzero(to_final < num_curated), log=log)
             if small_units is not None:
+                from .matching import with_units
+
                 to_final, main_channels, confidence_by_unit, curated_ids, num_units = with_new_units(
                     small_units, to_final, main_channels, confidence_by_unit, curated_ids, num_units)
+                # every spike's template, for the residual that the curated units' search subtracts
+                matching_templates = with_units(matching_templates, small_units, noise_levels, params)
         if params["duplicate_min_similarity"] < 1.0:
             from .matching import join_duplicate_units
 
