@@ -28,6 +28,7 @@ import numpy as np
 
 from .detect import detect_spikes, spike_prototype
 from .matching import spike_dtype
+from .sorting_tools import time_ordered
 
 # SVD features as lupin takes them for clustering (SpikeInterface 0.105 defaults of the sorter)
 FEATURE_MS_BEFORE = 0.3
@@ -277,9 +278,7 @@ def keep_small_units(recording, spikes, small, first_unit_id, window, min_spikes
     chosen = np.isin(small.spikes["unit_index"], kept) & ~copied
     added = small.spikes[chosen]
     added["unit_index"] = first_unit_id + np.searchsorted(kept, added["unit_index"])
-    both = np.concatenate([spikes, added])
     if log is not None:
         log(f"{len(kept)} small units found on the residual keep {added.size} spikes ({int(copied.sum())} "
             f"copies of other units' spikes removed)")
-    return both[np.lexsort((both["sample_index"], both["segment_index"]))], templates_of(small.templates, kept,
-                                                                                            first_unit_id)
+    return time_ordered(spikes, added), templates_of(small.templates, kept, first_unit_id)

@@ -13,6 +13,8 @@ import contextlib
 
 import numpy as np
 
+from .sorting_tools import time_ordered
+
 # Matching templates are longer than the clustering snippets: the repolarisation tail separates
 # units whose peaks look alike (tridesclous2 matches with 1.0 / 2.5 ms too).
 MATCH_MS_BEFORE = 1.0
@@ -62,7 +64,7 @@ def unit_templates(recording, peaks, labels, num_units, noise_levels, params, jo
     spikes["unit_index"] = labels[assigned]
     spikes["segment_index"] = peaks["segment_index"][assigned]
     spikes = spikes[has_full_window(recording, spikes, nbefore, nafter)]
-    spikes = spikes[np.lexsort((spikes["sample_index"], spikes["segment_index"]))]
+    spikes = time_ordered(spikes)
     unit_ids = np.arange(num_units)
     array = estimate_templates_with_accumulator(recording, spikes, unit_ids, nbefore, nafter,
                                                 return_in_uV=False, **job_kwargs)
@@ -239,8 +241,7 @@ def match_hidden_spikes(recording, templates, spikes, noise_levels, params, job_
     samples, _ = global_sample_index(spikes, recording)
     hidden_samples, _ = global_sample_index(hidden, recording)
     hidden = hidden[~refractory_repeats(hidden_samples, hidden["unit_index"], samples, spikes["unit_index"], window)]
-    joined = np.concatenate([spikes, hidden])
-    return joined[np.lexsort((joined["sample_index"], joined["segment_index"]))], hidden.size
+    return time_ordered(spikes, hidden), hidden.size
 
 
 def join_templates(first, second):
@@ -291,7 +292,7 @@ def match_spikes(recording, templates, noise_levels, params, job_kwargs) -> np.n
     spikes["segment_index"] = found["segment_index"]
     spikes["unit_index"] = np.asarray(templates.unit_ids)[found["cluster_index"]]
     spikes["amplitude"] = found["amplitude"]
-    return spikes[np.lexsort((spikes["sample_index"], spikes["segment_index"]))]
+    return time_ordered(spikes)
 
 
 def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, protected=(), log=None):

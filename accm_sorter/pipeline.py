@@ -24,7 +24,7 @@ from .encoder_io import save_encoder
 from .overlaps import refractory_repeats, residual_recording, resolve_overlaps, template_amplitude_scale
 from .pairwise import assign_spikes, build_prototypes, group_templates, merge_clusters, train_spike_classifier
 from .preprocess import cache_recording, preprocess_recording
-from .sorting_tools import distance_to_nearest, global_sample_index, with_all_segments
+from .sorting_tools import distance_to_nearest, global_sample_index, time_ordered, with_all_segments
 from .snippets import (
     estimate_locations,
     extract_snippets,
@@ -143,8 +143,7 @@ def keep_labelled_spikes(spikes, label_data, censor_samples):
         mine = np.flatnonzero((spikes["segment_index"] == seg) & (spikes["unit_index"] == unit))
         times = np.sort(forced["sample_index"][(forced["segment_index"] == seg) & (forced["unit_index"] == unit)])
         clash[mine] = distance_to_nearest(times, spikes["sample_index"][mine]) < censor_samples
-    merged = np.concatenate([spikes[~clash], forced])
-    return merged[np.lexsort((merged["sample_index"], merged["segment_index"]))]
+    return time_ordered(spikes[~clash], forced)
 
 
 def drop_rare_units(spikes, total_duration_s, min_firing_rate, protected=()):

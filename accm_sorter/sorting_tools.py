@@ -12,6 +12,12 @@ def global_sample_index(spikes, recording) -> tuple[np.ndarray, int]:
     return spikes["sample_index"] + offsets[spikes["segment_index"]], int(sum(lengths))
 
 
+def time_ordered(*parts) -> np.ndarray:
+    """The spike vectors ``parts`` as one, ordered by segment and, within it, by sample (stable)."""
+    spikes = np.concatenate(parts)
+    return spikes[np.lexsort((spikes["sample_index"], spikes["segment_index"]))]
+
+
 def distance_to_nearest(sorted_times: np.ndarray, samples: np.ndarray) -> np.ndarray:
     """Distance (samples) from each of ``samples`` to the nearest of ``sorted_times`` (inf when there is none)."""
     if sorted_times.size == 0:
