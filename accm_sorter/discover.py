@@ -166,7 +166,7 @@ def find_copies(unit_index, samples, first_unit_index, first_samples, new_ids, w
     a big neuron's amplitude jitter) its subtraction leaves a remnant, and a discovered unit can match
     that remnant at the neuron's spike times. A real neuron's spikes meet a known unit's within
     ``window`` samples by chance (with probability ``1 - exp(-rate * (2 window + 1))``; 1-2 % for one
-    unit at 15-25 Hz); a discovered unit that meets a known unit's first-pass spikes at least
+    unit at 15-25 Hz and the censor window's +-0.4 ms); a discovered unit that meets a known unit's first-pass spikes at least
     ``COPY_CHANCE_FACTOR`` times as often, and on at least ``COPY_MIN_FRACTION`` of its spikes, copies
     that unit there, and those spikes are marked. Returns (mask over the second pass's spikes,
     {discovered: [(known, fraction of its spikes), ...]}). ``protected`` (curated) units are not looked at.
@@ -179,8 +179,10 @@ def find_copies(unit_index, samples, first_unit_index, first_samples, new_ids, w
     sources = {}
     for new in new_ids:
         mine = np.flatnonzero(unit_index == new)
+        if mine.size == 0:
+            continue
         for known, train in zip(first_units, first_trains):
-            if mine.size == 0 or train.size == 0:
+            if train.size == 0:
                 continue
             near = distance_to_nearest(train, samples[mine]) <= window
             chance = 1.0 - np.exp(-train.size * (2 * window + 1) / total_samples)
@@ -252,12 +254,13 @@ class SmallUnits:
     spikes: np.ndarray
 
 
-def keep_small_units(recording, spikes, small, first_unit_id, window, min_spikes, protected=(), log=None):
+def keep_small_units(recording, spikes, small, first_unit_id, window, params, protected=(), log=None):
     """``spikes`` with the small units' spikes that copy no other unit's, and the small units kept (or ``None``).
 
     A small unit's spike that sits on a spike of a unit it meets far more often than chance
     (``find_copies``) is the remnant of that unit's subtraction and is removed; a small unit with fewer
-    than ``min_spikes`` spikes left, or more than ``MAX_COPIED_FRACTION`` of them removed, is no unit.
+    than ``MIN_SPIKES_FACTOR * min_cluster_size`` spikes left, or more than ``MAX_COPIED_FRACTION`` of them
+    removed, is no unit.
     The kept units are numbered from ``first_unit_id``.
     """
     from .sorting_tools import global_sample_index
@@ -267,6 +270,7 @@ def keep_small_units(recording, spikes, small, first_unit_id, window, min_spikes
     ids = np.asarray(small.templates.unit_ids)
     copied, sources = find_copies(small.spikes["unit_index"], small_samples, spikes["unit_index"], samples, ids,
                                   window, total_samples, protected)
+    min_spikes = MIN_SPIKES_FACTOR * params["min_cluster_size"]
     kept = []
     for unit, total, num_copied, keep in judge_copies(small.spikes["unit_index"], ids, copied, min_spikes):
         if keep:

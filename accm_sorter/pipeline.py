@@ -535,11 +535,10 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             if num_hidden == 0:
                 break
         if small_units is not None:
-            from .discover import MIN_SPIKES_FACTOR, keep_small_units
+            from .discover import keep_small_units
 
             # after every matching pass: matching again would drop the spikes it cannot see
-            spikes, small_units = keep_small_units(preprocessed, spikes, small_units, len(to_final), censor,
-                                                   MIN_SPIKES_FACTOR * params["min_cluster_size"],
+            spikes, small_units = keep_small_units(preprocessed, spikes, small_units, len(to_final), censor, params,
                                                    protected=np.flatnonzero(to_final < num_curated), log=log)
             if small_units is not None:
                 from .matching import with_units

@@ -653,8 +653,9 @@ def test_small_units_keep_their_own_residual_spikes_and_lose_the_copies():
     templates = Templates(templates_array=np.ones((2, 10, 1), dtype="float32"), sampling_frequency=30000.0,
                           nbefore=3, unit_ids=np.arange(2))
 
+    # min_cluster_size 20: a small unit needs 40 spikes that copy no other unit's
     both, kept = keep_small_units(recording, spikes, SmallUnits(templates, small_spikes), first_unit_id=7, window=5,
-                                  min_spikes=40)
+                                  params={"min_cluster_size": 20})
 
     assert list(kept.unit_ids) == [7]
     added = both[both["unit_index"] == 7]
