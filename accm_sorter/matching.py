@@ -295,13 +295,15 @@ def match_spikes(recording, templates, noise_levels, params, job_kwargs) -> np.n
     return time_ordered(spikes)
 
 
-def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, protected=(), log=None):
+def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, protected=(), positions=None,
+                         log=None):
     """Representative unit of each matched unit: units whose matched spikes have one neuron's template are one.
 
     Matching fits each template with a free amplitude, so a small partial unit whose template looks
     like a big neuron's takes a share of that neuron's spikes (probe32, seed 2002: one neuron of 1631
     spikes came out as four units whose matched templates have cosine 0.996-1.0). Returns an array
-    mapping each unit number to the unit it is joined to (itself when none).
+    mapping each unit number to the unit it is joined to (itself when none). ``positions``: the
+    estimated probe displacement at each spike, or None (see ``split.merge_duplicate_units``).
     """
     from .sorting_tools import global_sample_index
     from .split import merge_duplicate_units
@@ -317,7 +319,8 @@ def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, pr
     joined, report = merge_duplicate_units(spikes["unit_index"], np.transpose(dense, (0, 2, 1)), samples,
                                            total_samples, recording.sampling_frequency,
                                            params["duplicate_min_similarity"], protected=protected,
-                                           join_drift_splits=params["join_drift_splits"], log=log)
+                                           join_drift_splits=params["join_drift_splits"], positions=positions,
+                                           log=log)
     for group in np.unique(joined):
         members = np.unique(spikes["unit_index"][joined == group])
         representative[members] = members.min()

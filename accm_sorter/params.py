@@ -277,7 +277,11 @@ PARAMETERS: tuple[Parameter, ...] = (
               "Also join two units that take turns firing (their firing-rate profiles over time overlap by at "
               "most 0.35) when their mean waveforms have cosine >= 0.75 and peak amplitudes within 40 %: one "
               "neuron that motion correction did not fully bring back, seen at two places (drift, seed 2002: "
-              "four neurons cut 80/20 this way). Applies wherever duplicate units are joined."),
+              "four neurons cut 80/20 this way). Where motion was estimated, also join units with cosine >= 0.5 "
+              "that fire at different probe positions (their profiles over the estimated displacement at each "
+              "spike overlap by at most 0.35): a neuron that motion interpolation smears at some positions "
+              "(drift, seed 2003: one neuron cut in three pieces 0.56-0.73 alike). Applies wherever duplicate "
+              "units are joined."),
     # --- matching ------------------------------------------------------------------------
     Parameter("matching_method", "tdc-peeler", str, "matching",
               "Final pass that finds every spike of accm's units in the whole recording with SpikeInterface's "

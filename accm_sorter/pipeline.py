@@ -23,7 +23,7 @@ from .detect import detect_spikes, estimate_noise_levels, spike_prototype
 from .encoder_io import save_encoder
 from .overlaps import refractory_repeats, residual_recording, resolve_overlaps, template_amplitude_scale
 from .pairwise import assign_spikes, build_prototypes, group_templates, merge_clusters, train_spike_classifier
-from .preprocess import cache_recording, preprocess_recording
+from .preprocess import cache_recording, preprocess_recording, probe_displacement
 from .sorting_tools import distance_to_nearest, global_sample_index, time_ordered, with_all_segments
 from .snippets import (
     estimate_locations,
@@ -217,7 +217,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         f"job_kwargs {job_kwargs}")
 
     timer.start("preprocess")
-    preprocessed = preprocess_recording(recording, params, sorter_output_folder / "motion", job_kwargs)
+    preprocessed, motion = preprocess_recording(recording, params, sorter_output_folder / "motion", job_kwargs)
     preprocessed, cache_info = cache_recording(
         preprocessed, params["cache_preprocessing"], sorter_output_folder / "preprocessed", job_kwargs
     )
@@ -420,9 +420,12 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
 
         templates = group_templates(snippets, peaks["channel_index"], table,
                                     [np.flatnonzero(labels == u) for u in range(num_units)], num_channels, seed=seed)
+        positions = probe_displacement(recording, motion, peaks["sample_index"], peaks["segment_index"],
+                                       channel_locations[peaks["channel_index"], 1])
         labels, duplicate_report = merge_duplicate_units(labels, templates, global_samples, total_samples,
                                                          sampling_frequency, params["duplicate_min_similarity"],
-                                                         join_drift_splits=params["join_drift_splits"], log=log)
+                                                         join_drift_splits=params["join_drift_splits"],
+                                                         positions=positions, log=log)
         merge_report["duplicates"] = duplicate_report
         num_units = int(labels.max()) + 1
     num_curated, labelled_only = 0, np.zeros(0, dtype="int64")
@@ -551,8 +554,12 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             from .matching import join_duplicate_units
 
             representative = np.arange(len(to_final))
+            # each spike at its unit's depth: a matched spike has no channel of its own
+            positions = probe_displacement(recording, motion, spikes["sample_index"], spikes["segment_index"],
+                                           channel_locations[main_channels[to_final[spikes["unit_index"]]], 1])
             found = join_duplicate_units(preprocessed, spikes, noise_levels, params, job_kwargs,
-                                         protected=np.flatnonzero(to_final < num_curated), log=log)
+                                         protected=np.flatnonzero(to_final < num_curated), positions=positions,
+                                         log=log)
             representative[:found.size] = found
             spikes["unit_index"] = representative[spikes["unit_index"]]
             final_map = np.arange(num_units)

@@ -16,10 +16,10 @@ MIN_CHANNELS_FOR_COMMON_REFERENCE = 8
 
 
 def preprocess_recording(recording, params: dict, motion_folder: Path | None = None, job_kwargs: dict | None = None):
-    """Return a lazy float32 preprocessed (and, when asked, motion-corrected) recording."""
+    """Return (a lazy float32 preprocessed, and when asked motion-corrected, recording, the motion or None)."""
     if not params["apply_preprocessing"]:
         # Already preprocessed: only bring it to noise units so the threshold means the same thing.
-        return spre.zscore(recording, mode="median+mad", dtype="float32")
+        return spre.zscore(recording, mode="median+mad", dtype="float32"), None
 
     freq_max = min(params["freq_max"], 0.45 * recording.sampling_frequency)
     rec = spre.bandpass_filter(
@@ -43,7 +43,20 @@ def preprocess_recording(recording, params: dict, motion_folder: Path | None = N
         # interpolate after whitening, as tridesclous2 does: kriging then mixes unit-variance channels
         rec = InterpolateMotionRecording(rec, motion, border_mode="force_extrapolate",
                                          spatial_interpolation_method="kriging", sigma_um=20.0, p=2)
-    return rec
+    return rec, motion
+
+
+def probe_displacement(recording, motion, sample_index, segment_index, depth_um) -> np.ndarray | None:
+    """The estimated motion (um) at each spike's time and depth; None when no motion was estimated."""
+    if motion is None:
+        return None
+    displacement = np.zeros(sample_index.size)
+    for segment in np.unique(segment_index):
+        here = segment_index == segment
+        times = recording.sample_index_to_time(sample_index[here], segment_index=int(segment))
+        displacement[here] = motion.get_displacement_at_time_and_depth(times, depth_um[here],
+                                                                       segment_index=int(segment))
+    return displacement
 
 
 def wants_motion_correction(recording, params: dict) -> bool:

@@ -35,6 +35,13 @@ TRAIN_CONFIRMED_MIN_SIMILARITY = 0.85
 DRIFT_SPLIT_MIN_SIMILARITY = 0.75
 DRIFT_SPLIT_AMPLITUDE_RATIO = 0.6
 DRIFT_SPLIT_MAX_RATE_OVERLAP = 0.35
+# Motion correction interpolates a neuron whose footprint is narrower than the channel pitch unevenly:
+# at some displacements its waveform comes out smeared. On drift seed 2003 one neuron (GT 12, 5 um
+# from the probe) came out as three pure units only 0.56-0.73 alike, each firing at its own set of
+# probe positions (overlap of their profiles over the estimated displacement 0.14-0.19) while their
+# firing over time overlapped 0.54-0.57. Where a motion estimate exists, units this alike are joined
+# when their position profiles barely overlap; see docs/method.md for the distinct pairs' figures.
+POSITION_SPLIT_MIN_SIMILARITY = 0.5
 SPIKES_PER_RATE_BIN = 20  # bins hold this many of the smaller unit's spikes on average ...
 MIN_RATE_BINS = 4  # ... and a unit too small for this many bins is never judged by its rate profile
 
@@ -182,23 +189,29 @@ def split_mixed_units(labels, waveforms_of, min_cluster_size, max_similarity, se
     return labels, report
 
 
-def rate_profile_overlap(train_a, train_b, total_samples) -> float | None:
-    """Shared fraction of two units' firing over time: sum over time bins of the smaller normalised rate.
+def profile_overlap(values_a, values_b, low, high) -> float | None:
+    """Shared fraction of two units' spikes over bins of a per-spike value (time, probe position).
 
-    1 for two neurons firing at steady rates, near 0 for a pair that takes turns. The number of bins
-    follows the smaller unit (``SPIKES_PER_RATE_BIN`` spikes a bin) so Poisson noise stays small;
-    ``None`` when it has too few spikes for ``MIN_RATE_BINS`` bins.
+    The sum over bins of the smaller of the two normalised histograms: 1 for two neurons that fire
+    alike all along the value's range, near 0 for a pair that takes turns. The number of bins follows
+    the smaller unit (``SPIKES_PER_RATE_BIN`` spikes a bin) so Poisson noise stays small; ``None`` when
+    it has too few spikes for ``MIN_RATE_BINS`` bins or the range is empty.
     """
-    num_bins = min(train_a.size, train_b.size) // SPIKES_PER_RATE_BIN
-    if num_bins < MIN_RATE_BINS or total_samples <= 0:
+    num_bins = min(values_a.size, values_b.size) // SPIKES_PER_RATE_BIN
+    if num_bins < MIN_RATE_BINS or not high > low:
         return None
-    counts_a = np.histogram(train_a, bins=num_bins, range=(0, total_samples))[0]
-    counts_b = np.histogram(train_b, bins=num_bins, range=(0, total_samples))[0]
+    counts_a = np.histogram(values_a, bins=num_bins, range=(low, high))[0]
+    counts_b = np.histogram(values_b, bins=num_bins, range=(low, high))[0]
     return float(np.minimum(counts_a / counts_a.sum(), counts_b / counts_b.sum()).sum())
 
 
+def rate_profile_overlap(train_a, train_b, total_samples) -> float | None:
+    """Shared fraction of two units' firing over time (``profile_overlap`` of their spike times)."""
+    return profile_overlap(train_a, train_b, 0, total_samples)
+
+
 def merge_duplicate_units(labels, templates, samples, total_samples, sampling_frequency, min_similarity,
-                          protected=(), join_drift_splits=False, log=None) -> tuple[np.ndarray, list]:
+                          protected=(), join_drift_splits=False, positions=None, log=None) -> tuple[np.ndarray, list]:
     """Join units with the same mean waveform whose spike trains never collide in the refractory period.
 
     Clustering can cut one big neuron into pieces (probe32, seed 2002: a unit of 1631 spikes came out
@@ -210,7 +223,10 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
     collision. With ``join_drift_splits``, units down to ``DRIFT_SPLIT_MIN_SIMILARITY`` alike and
     ``DRIFT_SPLIT_AMPLITUDE_RATIO`` in amplitude are joined when they take turns firing
     (``rate_profile_overlap`` at most ``DRIFT_SPLIT_MAX_RATE_OVERLAP``): one neuron seen at two
-    places. ``protected`` units (a curator's) are never joined.
+    places. ``positions`` (the estimated probe displacement at each spike, from the motion estimate)
+    extends that to units down to ``POSITION_SPLIT_MIN_SIMILARITY`` alike that fire at different probe
+    positions (their ``profile_overlap`` over ``positions`` at most the same limit). ``protected`` units
+    (a curator's) are never joined.
     """
     from .pairwise import MAX_MERGE_REFRACTORY_RATIO, UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio
 
@@ -221,6 +237,11 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
     if join_drift_splits:
         lowest_similarity = min(lowest_similarity, DRIFT_SPLIT_MIN_SIMILARITY)
         lowest_amplitude_ratio = DRIFT_SPLIT_AMPLITUDE_RATIO
+        if positions is not None and positions.size:
+            lowest_similarity = min(lowest_similarity, POSITION_SPLIT_MIN_SIMILARITY)
+            position_range = (float(positions.min()), float(positions.max()))
+        else:
+            positions = None
     candidates = []
     for a in np.setdiff1d(np.arange(num_units), protected):
         for b in np.setdiff1d(np.arange(a + 1, num_units), protected):
@@ -236,26 +257,32 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
         ga, gb = group[a], group[b]
         if ga == gb:
             continue
-        train_a = np.sort(samples[np.isin(labels, np.flatnonzero(group == ga))])
-        train_b = np.sort(samples[np.isin(labels, np.flatnonzero(group == gb))])
+        in_a = np.isin(labels, np.flatnonzero(group == ga))
+        in_b = np.isin(labels, np.flatnonzero(group == gb))
+        train_a, train_b = np.sort(samples[in_a]), np.sort(samples[in_b])
         ratio = refractory_ratio(train_a, train_b, total_samples, sampling_frequency)
         if ratio > MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO:
             continue
         # below min_similarity only an informative refractory test can show that two units are one
         duplicate = amplitude_ratio >= DUPLICATE_AMPLITUDE_RATIO and (cosine >= min_similarity or (
             cosine >= TRAIN_CONFIRMED_MIN_SIMILARITY and ratio != UNINFORMATIVE_REFRACTORY_RATIO))
-        overlap = None
-        if not duplicate and join_drift_splits and cosine >= DRIFT_SPLIT_MIN_SIMILARITY:
-            overlap = rate_profile_overlap(train_a, train_b, total_samples)
-        if not (duplicate or (overlap is not None and overlap <= DRIFT_SPLIT_MAX_RATE_OVERLAP)):
+        turns = {}
+        if not duplicate and join_drift_splits:
+            if cosine >= DRIFT_SPLIT_MIN_SIMILARITY:
+                turns["rate_overlap"] = rate_profile_overlap(train_a, train_b, total_samples)
+            if positions is not None:
+                turns["position_overlap"] = profile_overlap(positions[in_a], positions[in_b], *position_range)
+            turns = {name: round(value, 3) for name, value in turns.items()
+                     if value is not None and value <= DRIFT_SPLIT_MAX_RATE_OVERLAP}
+        if not (duplicate or turns):
             continue
         group[group == gb] = ga
         entry = dict(a=int(a), b=int(b), template_cosine=round(float(cosine), 4), refractory_ratio=round(float(ratio), 3))
-        if not duplicate:
-            entry["rate_overlap"] = round(overlap, 3)
+        entry.update(turns)
         report.append(entry)
         if log is not None:
-            why = "" if duplicate else f", they take turns firing: rate-profile overlap {overlap:.2f}"
+            why = ", they take turns firing: " + ", ".join(
+                f"{name.replace('_', '-profile ')} {value:.2f}" for name, value in turns.items()) if turns else ""
             log(f"joined duplicate units {a} and {b} (template cosine {cosine:.3f}, refractory ratio {ratio:.2f}{why})")
     _, new_id = np.unique(group, return_inverse=True)
     return np.where(labels >= 0, new_id[np.clip(labels, 0, None)], -1), report

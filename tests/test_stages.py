@@ -477,6 +477,50 @@ def test_units_that_take_turns_firing_are_joined_as_one_drifting_neuron():
     assert np.unique(kept).size == 2
 
 
+def test_units_that_fire_at_different_probe_positions_are_joined_as_one_neuron():
+    """Motion correction smears a sharply localised neuron at some probe displacements: that piece
+    looks only 0.65 alike and fires at its own positions, interleaved in time. Joined when the
+    displacement at each spike is known; a neighbour with the same waveforms firing at every position
+    (and, worst case, never within the refractory period of the first) is kept."""
+    from accm_sorter.pairwise import template_similarity
+    from accm_sorter.split import (DRIFT_SPLIT_MIN_SIMILARITY, POSITION_SPLIT_MIN_SIMILARITY, merge_duplicate_units,
+                                   profile_overlap, rate_profile_overlap)
+
+    rng = np.random.default_rng(3)
+    time = np.linspace(0, 3, 40)
+    shape = np.sin(time)[None, :] * np.array([[5.0], [3.0], [1.0], [0.0]])
+    smeared = np.sin(time)[None, :] * np.array([[1.0], [4.0], [3.0], [1.0]])
+    cosine = template_similarity(shape, smeared, 2)[0]
+    assert POSITION_SPLIT_MIN_SIMILARITY <= cosine < DRIFT_SPLIT_MIN_SIMILARITY
+    templates = np.stack([shape, smeared]).astype("float32")
+    total = 30000 * 120
+    displacement_of = lambda samples: 20 * (2 * np.abs((samples / (30000 * 60.0)) % 1 - 0.5) * 2 - 1)  # zigzag
+    neuron = np.cumsum(60 + rng.exponential(total / 1500 - 60, 1500)).astype("int64")
+    neuron = neuron[neuron < total]
+    positions = displacement_of(neuron)
+    smeared_here = ((positions + 20) % 10) < 3  # 3 um of every 10 um of travel, like half-pitch positions
+    samples = np.concatenate([neuron[~smeared_here], neuron[smeared_here]])
+    labels = np.repeat([0, 1], [(~smeared_here).sum(), smeared_here.sum()])
+    spike_positions = displacement_of(samples)
+    assert rate_profile_overlap(np.sort(neuron[~smeared_here]), np.sort(neuron[smeared_here]), total) > 0.35
+    assert profile_overlap(positions[~smeared_here], positions[smeared_here], -20, 20) < 0.35
+    joined, report = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True,
+                                           positions=spike_positions)
+    assert np.unique(joined).size == 1 and report[0]["position_overlap"] < 0.35
+    without, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True)
+    assert np.unique(without).size == 2
+    neighbour = np.sort(rng.choice(total, smeared_here.sum(), replace=False))
+    first = np.sort(neuron[~smeared_here])
+    nearest = np.minimum(np.abs(first[np.clip(np.searchsorted(first, neighbour), 0, first.size - 1)] - neighbour),
+                         np.abs(first[np.clip(np.searchsorted(first, neighbour) - 1, 0, first.size - 1)] - neighbour))
+    neighbour = neighbour[nearest > 60]  # never in the first unit's refractory period
+    samples = np.concatenate([first, neighbour])
+    labels = np.repeat([0, 1], [first.size, neighbour.size])
+    kept, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True,
+                                    positions=displacement_of(samples))
+    assert np.unique(kept).size == 2
+
+
 def test_parts_of_a_split_are_split_again_up_to_max_depth():
     """Three neurons in one unit: HDBSCAN on the first PCA separates the odd one out, only a second look splits
     the rest; isosplit, which tests every pair of k-means parts for a dip, separates all three at once."""
