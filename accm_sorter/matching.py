@@ -292,6 +292,12 @@ def match_spikes(recording, templates, noise_levels, params, job_kwargs) -> np.n
     spikes["segment_index"] = found["segment_index"]
     spikes["unit_index"] = np.asarray(templates.unit_ids)[found["cluster_index"]]
     spikes["amplitude"] = found["amplitude"]
+    if method == "wobble":
+        # wobble reports the trace's value on the spike's best channel, not the template's scale: every
+        # later stage (the residual, the rescaling) reads amplitude as the scale
+        peak = np.abs(templates.get_dense_templates()[found["cluster_index"], templates.nbefore, found["channel_index"]])
+        spikes["amplitude"] = np.divide(found["amplitude"], peak, out=np.ones(found.size, dtype="float32"),
+                                        where=peak > 0)
     return time_ordered(spikes)
 
 

@@ -728,3 +728,25 @@ def test_motion_estimate_is_the_same_on_every_run():
     first, second = motion_of_a_fresh_copy(), motion_of_a_fresh_copy()
     assert np.abs(first).max() > 1.0  # it saw the zigzag
     np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("method", ["tdc-peeler", "circus-omp", "wobble"])
+def test_every_matching_engine_reports_the_templates_scale_as_amplitude(method):
+    """The residual and the template rescaling read a matched spike's amplitude as its template's scale;
+    wobble reports the trace's value instead, which left a residual of 69,411 peaks and 0/25 units."""
+    from spikeinterface.core import generate_ground_truth_recording, get_noise_levels
+
+    from accm_sorter.matching import match_spikes, unit_templates
+
+    recording, gt = generate_ground_truth_recording(durations=[10.0], num_channels=8, num_units=3, seed=4,
+                                                    noise_kwargs=dict(noise_levels=1.0, strategy="on_the_fly"))
+    recording = spre.zscore(spre.bandpass_filter(recording, dtype="float32"), dtype="float32")
+    job_kwargs = dict(n_jobs=1, chunk_duration="1s", progress_bar=False)
+    params = validate_params({"matching_method": method})
+    noise_levels = get_noise_levels(recording, return_in_uV=False, random_slices_kwargs=dict(seed=0))
+    gt_spikes = gt.to_spike_vector()
+    templates = unit_templates(recording, gt_spikes, gt_spikes["unit_index"], gt.get_num_units(), noise_levels,
+                               params, job_kwargs)
+    spikes = match_spikes(recording, templates, noise_levels, params, job_kwargs)
+    assert spikes.size > 0.8 * gt_spikes.size
+    assert 0.8 < np.median(spikes["amplitude"]) < 1.25
