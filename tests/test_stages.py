@@ -477,6 +477,23 @@ def test_units_that_take_turns_firing_are_joined_as_one_drifting_neuron():
     assert np.unique(kept).size == 2
 
 
+def test_probe_displacement_reads_the_motion_at_each_spikes_time_and_depth():
+    from spikeinterface.core import generate_recording
+    from spikeinterface.core.motion import Motion
+
+    from accm_sorter.preprocess import probe_displacement
+
+    recording = generate_recording(num_channels=4, durations=[10.0], seed=0)
+    # two depths drifting apart: 0 -> 10 um at depth 0, 0 -> -10 um at depth 100, over 10 s
+    times = np.arange(0.5, 10.0, 1.0)
+    displacement = np.stack([times, -times], axis=1)
+    motion = Motion([displacement], [times], np.array([0.0, 100.0]))
+    samples = np.array([int(2.5 * 30000), int(7.5 * 30000)])
+    found = probe_displacement(recording, motion, samples, np.zeros(2, dtype="int64"), np.array([0.0, 100.0]))
+    np.testing.assert_allclose(found, [2.5, -7.5], atol=0.01)
+    assert probe_displacement(recording, None, samples, np.zeros(2, dtype="int64"), np.zeros(2)) is None
+
+
 def test_units_that_fire_at_different_probe_positions_are_joined_as_one_neuron():
     """Motion correction smears a sharply localised neuron at some probe displacements: that piece
     looks only 0.65 alike and fires at its own positions, interleaved in time. Joined when the
