@@ -237,7 +237,8 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
     if join_drift_splits:
         lowest_similarity = min(lowest_similarity, DRIFT_SPLIT_MIN_SIMILARITY)
         lowest_amplitude_ratio = DRIFT_SPLIT_AMPLITUDE_RATIO
-        if positions is not None and positions.size:
+        # a motion estimate of 0 all along (no drift) gives no positions to tell pieces apart
+        if positions is not None and positions.size and np.ptp(positions) > 0:
             lowest_similarity = min(lowest_similarity, POSITION_SPLIT_MIN_SIMILARITY)
             position_range = (float(positions.min()), float(positions.max()))
         else:

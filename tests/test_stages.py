@@ -526,6 +526,9 @@ def test_units_that_fire_at_different_probe_positions_are_joined_as_one_neuron()
     assert np.unique(joined).size == 1 and report[0]["position_overlap"] < 0.35
     without, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True)
     assert np.unique(without).size == 2
+    still, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True,
+                                     positions=np.zeros(samples.size))  # no drift: no positions to compare
+    assert np.unique(still).size == 2
     neighbour = np.sort(rng.choice(total, smeared_here.sum(), replace=False))
     first = np.sort(neuron[~smeared_here])
     nearest = np.minimum(np.abs(first[np.clip(np.searchsorted(first, neighbour), 0, first.size - 1)] - neighbour),
