@@ -24,6 +24,26 @@ VARIANTS = {
     "nocar": {"do_CAR": False},
     "cpu": {"torch_device": "cpu"},
 }
+# "accm:<ablation>" runs accm with one part of the method switched off by its parameters, so the
+# benchmark measures what that part contributes (docs/benchmarks.md, "Ablation").
+ABLATIONS = {
+    # collisions seen in training: no spike of another unit is added to a view
+    "no-overlap-augment": {"aug_overlap_prob": 0.0},
+    # drift tolerance of the embedding: views keep their main channel and all their channels
+    "no-spatial-augment": {"aug_spatial_jitter_ratio": 1.0, "aug_channel_dropout": 0.0},
+    # overlapping spikes are not peeled, masked spikes not searched, hidden spikes not matched
+    "no-overlap-resolution": {"resolve_overlaps": False, "masked_spike_threshold": 1.0, "hidden_spike_passes": 0},
+    # the detected, classified spikes are the result: no template matching (nor anything after it)
+    "no-matching": {"matching_method": "none"},
+    # no units are looked for on the residual of matching
+    "no-discovery": {"discover_units": False, "discover_small_units": False},
+    # the traces are not motion-corrected
+    "no-motion": {"motion_correction": "off"},
+    # no unit is split: neither the clustered units nor the matched ones
+    "no-splits": {"split_max_similarity": 0.0, "split_matched_units": False},
+    # no unit is merged: neither by the pairwise classifier nor as a duplicate or a drift piece
+    "no-merges": {"merge_threshold": 1.0, "duplicate_min_similarity": 1.0, "join_drift_splits": False},
+}
 COLLISION_LAG_MS = 1.0
 COLLISION_DISTANCE_UM = 50.0
 
@@ -236,6 +256,18 @@ def print_progress(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
+def variant_params(sorter: str, variant: str) -> dict:
+    """The parameters that ``sorter:variant`` adds ({} without a variant)."""
+    if not variant:
+        return {}
+    if variant in VARIANTS:
+        return dict(VARIANTS[variant])
+    if sorter == "accm" and variant in ABLATIONS:
+        return dict(ABLATIONS[variant])
+    known = sorted(VARIANTS) + ([f"{name} (accm only)" for name in ABLATIONS] if sorter == "accm" else [])
+    raise ValueError(f"Unknown sorter variant '{sorter}:{variant}'; known variants: {', '.join(known)}")
+
+
 def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.0, sorter_params=None,
               progress=print_progress, figures=True) -> list[BenchmarkRow]:
     """Run every sorter on every scenario; write results.json/csv/md in ``output_folder``."""
@@ -244,6 +276,8 @@ def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.
     import accm_sorter  # noqa: F401
     from .scenarios import generate_scenario
 
+    for label in sorters:  # a misspelt variant fails here, not after an hour of other runs
+        variant_params(*label.partition(":")[::2])
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
     sorter_params = sorter_params or {}
@@ -269,10 +303,7 @@ def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.
         for label in sorters:
             sorter, _, variant = label.partition(":")
             params = dict(sorter_params.get(sorter, {}))
-            if variant:
-                if variant not in VARIANTS:
-                    raise ValueError(f"Unknown sorter variant ':{variant}'; known: {sorted(VARIANTS)}")
-                params.update(VARIANTS[variant])
+            params.update(variant_params(sorter, variant))
             row = BenchmarkRow(scenario=scenario, sorter=label, params=params, data_folder=str(data_folder))
             if sorter not in installed:
                 row.status = "failed: not installed"
@@ -443,6 +474,8 @@ def encoder_throughput(sorter_output_folder: Path, num_spikes: int = 200_000, ba
 def main_benchmark(args) -> int:
     scenarios = [s for s in args.scenarios.split(",") if s]
     sorters = [s for s in args.sorters.split(",") if s]
+    if args.ablation:
+        sorters += [label for label in ["accm"] + [f"accm:{name}" for name in ABLATIONS] if label not in sorters]
     rows = benchmark(scenarios, sorters, args.duration, args.seed, args.output, timeout_s=args.timeout)
     print()
     print(markdown_table(rows))

@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=2002)
     bench.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per sorter run")
     bench.add_argument("--output", default="benchmark_output")
+    bench.add_argument("--ablation", action="store_true",
+                       help="also run accm with each part of the method switched off (accm:no-matching, ...; "
+                            "docs/benchmarks.md lists them)")
     bench.set_defaults(func=cmd_benchmark)
 
     params = sub.add_parser("params", help="list the parameters")

@@ -63,3 +63,24 @@ def test_collision_recall_by_lag_counts_every_colliding_spike(short_gt):
     assert np.all(recall[np.isfinite(recall)] == 1.0)
     assert collision_recalls(gt, comparison) == (1.0, 1.0)
     assert sum(int(f.sum()) for f in colliding_spikes(gt).values()) > 0
+
+
+def test_every_ablation_switches_something_off_with_valid_parameters():
+    from accm_sorter.benchmark import ABLATIONS, variant_params
+    from accm_sorter.params import default_params, validate_params
+
+    defaults = default_params()
+    for name, switches in ABLATIONS.items():
+        params = validate_params(variant_params("accm", name))
+        changed = {key for key in switches if params[key] != defaults[key]}
+        assert changed == set(switches), (name, switches)
+
+
+def test_a_misspelt_variant_is_refused_before_anything_runs(tmp_path):
+    from accm_sorter.benchmark import benchmark
+
+    with pytest.raises(ValueError, match="known variants: .*no-matching \\(accm only\\)"):
+        benchmark(["probe32"], ["accm", "accm:no-matchin"], 10.0, 0, tmp_path, figures=False)
+    with pytest.raises(ValueError, match="'lupin:no-matching'"):
+        benchmark(["probe32"], ["lupin:no-matching"], 10.0, 0, tmp_path, figures=False)
+    assert not any(tmp_path.iterdir())
