@@ -276,8 +276,8 @@ def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.
     import accm_sorter  # noqa: F401
     from .scenarios import generate_scenario
 
-    for label in sorters:  # a misspelt variant fails here, not after an hour of other runs
-        variant_params(*label.partition(":")[::2])
+    # a misspelt variant fails here, not after an hour of other runs
+    extra_params = {label: variant_params(*label.partition(":")[::2]) for label in sorters}
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
     sorter_params = sorter_params or {}
@@ -301,9 +301,9 @@ def benchmark(scenarios, sorters, duration, seed, output_folder, timeout_s=1800.
 
         gt = load(data_folder / "gt_sorting")
         for label in sorters:
-            sorter, _, variant = label.partition(":")
+            sorter = label.partition(":")[0]
             params = dict(sorter_params.get(sorter, {}))
-            params.update(variant_params(sorter, variant))
+            params.update(extra_params[label])
             row = BenchmarkRow(scenario=scenario, sorter=label, params=params, data_folder=str(data_folder))
             if sorter not in installed:
                 row.status = "failed: not installed"
