@@ -166,8 +166,8 @@ def find_copies(unit_index, samples, first_unit_index, first_samples, new_ids, w
     a big neuron's amplitude jitter) its subtraction leaves a remnant, and a discovered unit can match
     that remnant at the neuron's spike times. A real neuron's spikes meet a known unit's within
     ``window`` samples by chance (with probability ``1 - exp(-rate * (2 window + 1))``; 1-2 % for one
-    unit at 15-25 Hz and the censor window's +-0.4 ms); a discovered unit that meets a known unit's first-pass spikes at least
-    ``COPY_CHANCE_FACTOR`` times as often, and on at least ``COPY_MIN_FRACTION`` of its spikes, copies
+    unit at 15-25 Hz and the censor window's +-0.4 ms); a discovered unit that meets a known unit's
+    first-pass spikes at least ``COPY_CHANCE_FACTOR`` times as often, and on at least ``COPY_MIN_FRACTION`` of its spikes, copies
     that unit there, and those spikes are marked. Returns (mask over the second pass's spikes,
     {discovered: [(known, fraction of its spikes), ...]}). ``protected`` (curated) units are not looked at.
     """

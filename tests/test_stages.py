@@ -500,6 +500,7 @@ def test_units_that_fire_at_different_probe_positions_are_joined_as_one_neuron()
     displacement at each spike is known; a neighbour with the same waveforms firing at every position
     (and, worst case, never within the refractory period of the first) is kept."""
     from accm_sorter.pairwise import template_similarity
+    from accm_sorter.sorting_tools import distance_to_nearest
     from accm_sorter.split import (DRIFT_SPLIT_MIN_SIMILARITY, POSITION_SPLIT_MIN_SIMILARITY, merge_duplicate_units,
                                    profile_overlap, rate_profile_overlap)
 
@@ -531,9 +532,7 @@ def test_units_that_fire_at_different_probe_positions_are_joined_as_one_neuron()
     assert np.unique(still).size == 2
     neighbour = np.sort(rng.choice(total, smeared_here.sum(), replace=False))
     first = np.sort(neuron[~smeared_here])
-    nearest = np.minimum(np.abs(first[np.clip(np.searchsorted(first, neighbour), 0, first.size - 1)] - neighbour),
-                         np.abs(first[np.clip(np.searchsorted(first, neighbour) - 1, 0, first.size - 1)] - neighbour))
-    neighbour = neighbour[nearest > 60]  # never in the first unit's refractory period
+    neighbour = neighbour[distance_to_nearest(first, neighbour) > 60]  # never in the first unit's refractory period
     samples = np.concatenate([first, neighbour])
     labels = np.repeat([0, 1], [first.size, neighbour.size])
     kept, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True,
