@@ -54,6 +54,8 @@ COPY_MIN_FRACTION = 0.05
 MAX_COPIED_FRACTION = 0.5
 # second passes run to drop copies before discovery gives up and keeps the first pass
 MAX_PASSES = 3
+# templates peaking below this many noise levels are matched once more on the residual, by wobble
+SMALL_TEMPLATE_MAX_SNR = 5.0
 
 
 def cluster_residual_peaks(residual, peaks, noise_levels, min_snr, min_firing_rate, seed, job_kwargs):
@@ -286,3 +288,45 @@ def keep_small_units(recording, spikes, small, first_unit_id, window, params, pr
         log(f"{len(kept)} small units found on the residual keep {added.size} spikes ({int(copied.sum())} "
             f"copies of other units' spikes removed)")
     return time_ordered(spikes, added), templates_of(small.templates, kept, first_unit_id)
+
+
+def match_small_templates(recording, templates, spikes, noise_levels, params, job_kwargs, window, protected=(),
+                          log=None):
+    """``spikes`` with the spikes that wobble finds on their residual for the units of small templates, and how many.
+
+    A small unit (``keep_small_units``) holds only the residual peaks the matched filter found; it never
+    goes through template matching (dense-overlap seed 2002: GT 16, 2.3 noise levels after whitening
+    and spread thin over many channels, was three small units holding 30 % of its spikes). Once every
+    spike found so far is subtracted, the templates whose peak is under ``SMALL_TEMPLATE_MAX_SNR``
+    noise levels are matched alone on what is left by SpikeInterface's wobble (lupin's engine), which
+    scores the fit of the whole template. A found spike within ``window`` samples of its unit's own is
+    a repeat; one that copies another unit's spikes (``find_copies``) is the remnant of an imperfect
+    subtraction that a small template happens to fit. Both are dropped. ``protected`` (curated) units
+    are not matched here: their own search follows.
+    """
+    from .matching import match_spikes, residual_of_matching
+    from .overlaps import refractory_repeats
+    from .sorting_tools import global_sample_index
+
+    ids = np.asarray(templates.unit_ids)
+    peak = (np.abs(templates.get_dense_templates()).max(axis=1) / noise_levels[None, :]).max(axis=1)
+    small = ids[(peak < SMALL_TEMPLATE_MAX_SNR) & ~np.isin(ids, protected)]
+    if small.size == 0:
+        return spikes, 0
+    residual = residual_of_matching(recording, templates, spikes)
+    found = match_spikes(residual, templates.select_units(small), noise_levels, dict(params, matching_method="wobble"),
+                         job_kwargs)
+    # wobble's amplitude is the trace on the spike's best channel, often outside the small template's
+    # channels: a spike found here is taken at its template's scale
+    found["amplitude"] = 1.0
+    samples, total_samples = global_sample_index(spikes, recording)
+    found_samples, _ = global_sample_index(found, recording)
+    repeat = refractory_repeats(found_samples, found["unit_index"], samples, spikes["unit_index"], window)
+    copied, _ = find_copies(found["unit_index"], found_samples, spikes["unit_index"], samples, small, window,
+                            total_samples, protected)
+    added = found[~repeat & ~copied]
+    if log is not None:
+        log(f"small-template matching: wobble on the residual with the {small.size} templates under "
+            f"{SMALL_TEMPLATE_MAX_SNR:g} noise levels found {found.size} spikes, {int(repeat.sum())} repeats of their "
+            f"unit's and {int((copied & ~repeat).sum())} copies of another unit's dropped, {added.size} added")
+    return time_ordered(spikes, added), added.size

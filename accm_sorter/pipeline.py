@@ -550,6 +550,11 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                     small_units, to_final, main_channels, confidence_by_unit, curated_ids, num_units)
                 # every spike's template, for the residual that the curated units' search subtracts
                 matching_templates = with_units(matching_templates, small_units, noise_levels, params)
+        if params["match_small_templates"]:
+            from .discover import match_small_templates
+
+            spikes, _ = match_small_templates(preprocessed, matching_templates, spikes, noise_levels, params, job_kwargs,
+                                              censor, protected=np.flatnonzero(to_final < num_curated), log=log)
         if params["duplicate_min_similarity"] < 1.0:
             from .matching import join_duplicate_units
 
