@@ -553,6 +553,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         if params["match_small_templates"]:
             from .discover import match_small_templates
 
+            timer.start("matching")  # a matching pass, whichever stage ran before it
             spikes, _ = match_small_templates(preprocessed, matching_templates, spikes, noise_levels, params, job_kwargs,
                                               censor, protected=np.flatnonzero(to_final < num_curated), log=log)
         if params["duplicate_min_similarity"] < 1.0:
