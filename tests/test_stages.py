@@ -727,6 +727,17 @@ def test_small_units_keep_their_own_residual_spikes_and_lose_the_copies():
     assert (both["unit_index"] == 0).sum() == 400 and np.all(np.diff(both["sample_index"]) >= 0)
 
 
+def unit_shape_of(short_gt):
+    """(band-passed recording, its median noise level, unit 3's template scaled to peak 1) for simulations."""
+    from accm_sorter.matching import unit_templates
+
+    recording, gt, noise = filtered_with_noise(short_gt)
+    vector = gt.to_spike_vector()
+    shape = unit_templates(recording, vector, vector["unit_index"], gt.get_num_units(), noise, validate_params({}),
+                           MATCHING_JOB_KWARGS).get_dense_templates()[3]
+    return recording, float(np.median(noise)), shape / np.abs(shape).max()
+
+
 def test_small_templates_find_their_missed_spikes_on_the_residual_but_not_a_big_units_remnants(short_gt):
     """A small unit (3 noise levels) holds only the 30 % of its spikes that residual detection found; a big
     unit's subtraction leaves a remnant of its shape at every one of its spikes. Wobble with the small
@@ -740,14 +751,10 @@ def test_small_templates_find_their_missed_spikes_on_the_residual_but_not_a_big_
     from accm_sorter.matching import spike_dtype, unit_templates
     from accm_sorter.sorting_tools import distance_to_nearest
 
-    recording, gt, noise = filtered_with_noise(short_gt)
-    vector = gt.to_spike_vector()
+    recording, level, shape = unit_shape_of(short_gt)
+    shape = shape * level
     params = validate_params({})
     job_kwargs = MATCHING_JOB_KWARGS
-    shape = unit_templates(recording, vector, vector["unit_index"], gt.get_num_units(), noise, params,
-                           job_kwargs).get_dense_templates()[3]
-    level = float(np.median(noise))
-    shape = shape / np.abs(shape).max() * level
     fs, duration = recording.sampling_frequency, 20.0
     rng = np.random.default_rng(0)
     grid = np.arange(200, int(duration * fs) - 200, 300)
@@ -782,6 +789,52 @@ def test_small_templates_find_their_missed_spikes_on_the_residual_but_not_a_big_
     assert after.loc[1, "precision"] >= 0.98, after  # no remnant of unit 0 kept as unit 1's spike
     assert np.array_equal(both[both["unit_index"] == 0], spikes[spikes["unit_index"] == 0])  # 10 levels: not matched
     assert num_added == both.size - spikes.size and np.all(np.diff(both["sample_index"]) >= 0)
+
+
+def test_a_small_template_that_wobble_cannot_see_is_left_out_instead_of_failing_the_pass(short_gt):
+    """Wobble looks only at channels where a template's peak-to-peak passes 1 (its visibility threshold);
+    SpikeInterface 0.105's wobble fails with an IndexError when the first template has none. Such a
+    template (under one noise level everywhere) is left out; the other small templates are matched."""
+    from spikeinterface.core import NumpySorting, Templates
+    from spikeinterface.core.generate import InjectTemplatesRecording
+    from spikeinterface.generation import NoiseGeneratorRecording
+
+    from accm_sorter.detect import estimate_noise_levels
+    from accm_sorter.discover import match_small_templates
+    from accm_sorter.matching import spike_dtype, unit_templates
+
+    recording, _, shape = unit_shape_of(short_gt)  # peak 1 noise level: whitened traces have unit noise
+    params = validate_params({})
+    job_kwargs = MATCHING_JOB_KWARGS
+    fs, duration = recording.sampling_frequency, 10.0
+    rng = np.random.default_rng(3)
+    samples = np.sort(rng.choice(np.arange(200, int(duration * fs) - 200, 300), 200, replace=False))
+    truth = NumpySorting.from_samples_and_labels([samples], [np.zeros(samples.size, dtype="int64")], fs)
+    noise_only = NoiseGeneratorRecording(num_channels=recording.get_num_channels(), sampling_frequency=fs,
+                                         durations=[duration], noise_levels=1.0, dtype="float32", seed=4)
+    noise_only.set_probe(recording.get_probe())
+    simulated = InjectTemplatesRecording(truth, (3 * shape)[None].astype("float32"), nbefore=20,
+                                         parent_recording=noise_only)
+    simulated_noise = estimate_noise_levels(simulated, 0, job_kwargs)
+    unit = np.zeros(samples.size, dtype="int64")
+    small = unit_templates(simulated, truth.to_spike_vector(), unit, 1, simulated_noise, params, job_kwargs)
+    small_array = small.get_dense_templates()[0]
+    # unit 0: a quarter of unit 1's shape, under 1 peak-to-peak on every channel
+    templates = Templates(templates_array=np.stack([0.25 * small_array, small_array]), sampling_frequency=fs,
+                          nbefore=small.nbefore, unit_ids=np.arange(2), channel_ids=small.channel_ids,
+                          probe=small.probe)
+    assert np.ptp(templates.get_dense_templates()[0], axis=0).max() < 1
+    shown = rng.random(samples.size) < 0.3
+    spikes = np.zeros(int(shown.sum()), dtype=spike_dtype)
+    spikes["sample_index"], spikes["unit_index"], spikes["amplitude"] = samples[shown], 1, 1.0
+
+    both, _ = match_small_templates(simulated, templates, spikes, simulated_noise, params, job_kwargs, window=24)
+
+    found = both[both["unit_index"] == 1]
+    found["unit_index"] = 0
+    performance = performance_of_matched(truth, found, fs).loc[0]
+    assert performance["recall"] >= 0.9 and performance["precision"] >= 0.95, performance
+    assert not (both["unit_index"] == 0).any()
 
 
 def test_motion_estimate_is_the_same_on_every_run():
