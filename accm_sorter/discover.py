@@ -302,22 +302,15 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     scores the fit of the whole template. A found spike within ``window`` samples of its unit's own is
     a repeat; one that copies another unit's spikes (``find_copies``) is the remnant of an imperfect
     subtraction that a small template happens to fit. Both are dropped. ``protected`` (curated) units
-    are not matched here: their own search follows, and neither are templates that wobble cannot see
-    (peak-to-peak under its visibility threshold, 1, on every channel: under a noise level on whitened traces).
+    are not matched here: their own search follows.
     """
-    from spikeinterface.sortingcomponents.matching.wobble import WobbleParameters
-
     from .matching import match_spikes, residual_of_matching
     from .overlaps import refractory_repeats
     from .sorting_tools import global_sample_index
 
     ids = np.asarray(templates.unit_ids)
-    dense = templates.get_dense_templates()
-    peak = (np.abs(dense).max(axis=1) / noise_levels[None, :]).max(axis=1)
-    # wobble looks only at the channels where a template's peak-to-peak passes its visibility threshold,
-    # and SpikeInterface 0.105's wobble fails (IndexError) when its first template has none
-    visible = np.ptp(dense, axis=1).max(axis=1) > WobbleParameters().visibility_threshold
-    small = ids[(peak < SMALL_TEMPLATE_MAX_SNR) & visible & ~np.isin(ids, protected)]
+    peak = (np.abs(templates.get_dense_templates()).max(axis=1) / noise_levels[None, :]).max(axis=1)
+    small = ids[(peak < SMALL_TEMPLATE_MAX_SNR) & ~np.isin(ids, protected)]
     if small.size == 0:
         return spikes, 0
     residual = residual_of_matching(recording, templates, spikes)

@@ -279,6 +279,16 @@ def match_spikes(recording, templates, noise_levels, params, job_kwargs) -> np.n
     from spikeinterface.sortingcomponents.matching import find_spikes_from_templates
 
     method = params["matching_method"]
+    if method == "wobble":
+        from spikeinterface.sortingcomponents.matching.wobble import WobbleParameters
+
+        # wobble looks only at the channels where a template's peak-to-peak passes its visibility
+        # threshold (1: a noise level on whitened traces), and SpikeInterface 0.105's wobble fails with an
+        # IndexError when its first template has none: such a template, which it could not match, is left out
+        visible = np.ptp(templates.get_dense_templates(), axis=1).max(axis=1) > WobbleParameters().visibility_threshold
+        if not visible.any():
+            return np.zeros(0, dtype=spike_dtype)
+        templates = templates.select_units(np.asarray(templates.unit_ids)[visible])
     method_kwargs = {}
     if method == "tdc-peeler":
         method_kwargs.update(noise_levels=noise_levels, peak_sign=params["peak_sign"],

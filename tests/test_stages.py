@@ -793,8 +793,8 @@ def test_small_templates_find_their_missed_spikes_on_the_residual_but_not_a_big_
 
 def test_a_small_template_that_wobble_cannot_see_is_left_out_instead_of_failing_the_pass(short_gt):
     """Wobble looks only at channels where a template's peak-to-peak passes 1 (its visibility threshold);
-    SpikeInterface 0.105's wobble fails with an IndexError when the first template has none. Such a
-    template (under one noise level everywhere) is left out; the other small templates are matched."""
+    SpikeInterface 0.105's wobble fails with an IndexError when the first template has none. Matching
+    with wobble leaves such a template (under one noise level everywhere) out; the others are matched."""
     from spikeinterface.core import NumpySorting, Templates
     from spikeinterface.core.generate import InjectTemplatesRecording
     from spikeinterface.generation import NoiseGeneratorRecording
