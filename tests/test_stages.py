@@ -226,7 +226,8 @@ def test_spikes_hidden_under_a_bigger_spike_are_matched_on_the_residual(short_gt
     """Half of unit B's spikes fire within 0.2 ms of unit A's, on A's channels. tdc-peeler fits A's
     template to the sum, above its amplitude limit, keeps A without subtracting it, and never looks
     for B there. Matching the residual finds those B spikes; nothing already found comes twice."""
-    from spikeinterface.core import NoiseGeneratorRecording, NumpySorting
+    from spikeinterface.core import NumpySorting
+    from spikeinterface.generation import NoiseGeneratorRecording
     from spikeinterface.core.generate import InjectTemplatesRecording
 
     from accm_sorter.detect import estimate_noise_levels
@@ -253,7 +254,7 @@ def test_spikes_hidden_under_a_bigger_spike_are_matched_on_the_residual(short_gt
     noise_only = NoiseGeneratorRecording(num_channels=recording.get_num_channels(), sampling_frequency=fs,
                                          durations=[duration], noise_levels=float(np.median(noise)), dtype="float32",
                                          seed=1)
-    noise_only.set_probe(recording.get_probe(), in_place=True)
+    noise_only.set_probe(recording.get_probe())
     simulated = InjectTemplatesRecording(truth, shapes, nbefore=known.nbefore, parent_recording=noise_only)
     simulated_noise = estimate_noise_levels(simulated, 0, job_kwargs)
     spikes = truth.to_spike_vector()
