@@ -227,8 +227,8 @@ def test_spikes_hidden_under_a_bigger_spike_are_matched_on_the_residual(short_gt
     template to the sum, above its amplitude limit, keeps A without subtracting it, and never looks
     for B there. Matching the residual finds those B spikes; nothing already found comes twice."""
     from spikeinterface.core import NumpySorting
-    from spikeinterface.generation import NoiseGeneratorRecording
     from spikeinterface.core.generate import InjectTemplatesRecording
+    from spikeinterface.generation import NoiseGeneratorRecording
 
     from accm_sorter.detect import estimate_noise_levels
     from accm_sorter.matching import match_hidden_spikes, match_spikes, unit_templates
