@@ -56,6 +56,14 @@ MAX_COPIED_FRACTION = 0.5
 MAX_PASSES = 3
 # templates peaking below this many noise levels are matched once more on the residual, by wobble
 SMALL_TEMPLATE_MAX_SNR = 5.0
+# ... and each keeps a spike where its fit explains at least this fraction of the template (wobble's
+# own threshold, 50 on 2<t, x> - |t|^2, asked the faintest templates, |t|^2 = 34-50, for more than 1.0)
+SMALL_TEMPLATE_MIN_SCALE = 0.7
+# ... and the template's correlation there is this many times its spread on the residual, where a
+# template too faint to tell from noise (|t|^2 = 6-20 on dense-overlap 2002) would fit noise everywhere
+SMALL_TEMPLATE_MIN_Z = 4.0
+# wobble fits at a sub-sample shift: the correlation at the spike's own sample is up to this much lower
+SUBSAMPLE_LOSS = 0.05
 
 
 def cluster_residual_peaks(residual, peaks, noise_levels, min_snr, min_firing_rate, seed, job_kwargs):
@@ -290,6 +298,25 @@ def keep_small_units(recording, spikes, small, first_unit_id, window, params, pr
     return time_ordered(spikes, added), templates_of(small.templates, kept, first_unit_id)
 
 
+def matched_filter_noise(recording, templates_array, seed, num_chunks=20, chunk_seconds=1.0):
+    """Spread (MAD-based standard deviation) of each template's correlation with ``recording``, measured on
+    ``num_chunks`` random chunks of ``chunk_seconds``: the matched filter's noise, the few spikes aside.
+    ``templates_array``: (units, samples, channels)."""
+    from scipy.signal import fftconvolve
+    from spikeinterface.core import get_random_data_chunks
+
+    chunks = get_random_data_chunks(recording, concatenated=False, num_chunks_per_segment=num_chunks,
+                                    chunk_size=int(chunk_seconds * recording.sampling_frequency), seed=seed)
+    spread = np.zeros(templates_array.shape[0])
+    for k, template in enumerate(templates_array):
+        channels = np.flatnonzero(np.abs(template).max(axis=0) > 0)
+        values = np.concatenate([
+            fftconvolve(chunk[:, channels].astype("float64"), template[::-1, channels], mode="valid", axes=0).sum(axis=1)
+            for chunk in chunks])
+        spread[k] = 1.4826 * np.median(np.abs(values - np.median(values)))
+    return spread
+
+
 def match_small_templates(recording, templates, spikes, noise_levels, params, job_kwargs, window, protected=(),
                           log=None):
     """``spikes`` with the spikes that wobble finds on their residual for the units of small templates, and how many.
@@ -303,19 +330,41 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     a repeat; one that copies another unit's spikes (``find_copies``) is the remnant of an imperfect
     subtraction that a small template happens to fit. Both are dropped. ``protected`` (curated) units
     are not matched here: their own search follows.
+
+    Wobble's own threshold (50 on 2<t, x> - |t|^2, in the traces' units) asks the faintest templates for
+    spikes above their own size; each template is held instead to its own bar: <t, x> at least
+    ``SMALL_TEMPLATE_MIN_SCALE`` |t|^2 and ``SMALL_TEMPLATE_MIN_Z`` times the spread of its correlation
+    with the residual (``matched_filter_noise``).
     """
-    from .matching import match_spikes, residual_of_matching
+    from spikeinterface.sortingcomponents.matching.wobble import WobbleParameters
+
+    from .matching import match_spikes, residual_of_matching, template_correlations
     from .overlaps import refractory_repeats
     from .sorting_tools import global_sample_index
 
     ids = np.asarray(templates.unit_ids)
-    peak = (np.abs(templates.get_dense_templates()).max(axis=1) / noise_levels[None, :]).max(axis=1)
-    small = ids[(peak < SMALL_TEMPLATE_MAX_SNR) & ~np.isin(ids, protected)]
+    dense = templates.get_dense_templates()
+    peak = (np.abs(dense).max(axis=1) / noise_levels[None, :]).max(axis=1)
+    # wobble looks only at channels where a template's peak-to-peak passes its visibility threshold
+    visible = np.ptp(dense, axis=1).max(axis=1) > WobbleParameters().visibility_threshold
+    small = ids[(peak < SMALL_TEMPLATE_MAX_SNR) & visible & ~np.isin(ids, protected)]
     if small.size == 0:
         return spikes, 0
     residual = residual_of_matching(recording, templates, spikes)
-    found = match_spikes(residual, templates.select_units(small), noise_levels, dict(params, matching_method="wobble"),
-                         job_kwargs)
+    chosen = templates.select_units(small)
+    dense = chosen.get_dense_templates()
+    energy = (dense ** 2).sum(axis=(1, 2))
+    spread = matched_filter_noise(residual, dense, params["seed"])
+    # a fit is kept where <t, x> reaches SMALL_TEMPLATE_MIN_SCALE |t|^2 and SMALL_TEMPLATE_MIN_Z spreads;
+    # wobble scores 2<t, x> - |t|^2, so it runs once, at the lowest of these bars, to let the templates
+    # compete for each spike, and each spike is then held to its own template's bar
+    needed = np.maximum(SMALL_TEMPLATE_MIN_SCALE * energy, SMALL_TEMPLATE_MIN_Z * spread)
+    loosest = float(np.min(2 * needed - energy))
+    found = match_spikes(residual, chosen, noise_levels, dict(params, matching_method="wobble"), job_kwargs,
+                         method_kwargs=dict(parameters=dict(threshold=loosest)))
+    row = np.searchsorted(small, found["unit_index"])
+    fitted = found.size
+    found = found[template_correlations(residual, chosen, found) >= (1 - SUBSAMPLE_LOSS) * needed[row]]
     # wobble's amplitude is the trace on the spike's best channel, often outside the small template's
     # channels: a spike found here is taken at its template's scale
     found["amplitude"] = 1.0
@@ -327,6 +376,7 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     added = found[~repeat & ~copied]
     if log is not None:
         log(f"small-template matching: wobble on the residual with the {small.size} templates under "
-            f"{SMALL_TEMPLATE_MAX_SNR:g} noise levels found {found.size} spikes, {int(repeat.sum())} repeats of their "
+            f"{SMALL_TEMPLATE_MAX_SNR:g} noise levels (bars <t, x> >= {np.round(needed / energy, 2).tolist()} |t|^2) "
+            f"fitted {fitted} spikes, {found.size} over their bar, {int(repeat.sum())} repeats of their "
             f"unit's and {int((copied & ~repeat).sum())} copies of another unit's dropped, {added.size} added")
     return time_ordered(spikes, added), added.size

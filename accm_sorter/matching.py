@@ -111,6 +111,30 @@ def residual_of_matching(recording, templates, spikes):
                               spikes["amplitude"])
 
 
+def template_correlations(recording, templates, spikes, chunk_seconds=10.0) -> np.ndarray:
+    """<t, x>: each spike's template times ``recording`` at the spike (at its sample, no sub-sample shift)."""
+    dense = templates.get_dense_templates()  # (units, T, channels)
+    rows = np.searchsorted(np.asarray(templates.unit_ids), spikes["unit_index"])
+    num_samples, nbefore = dense.shape[1], templates.nbefore
+    chunk = int(chunk_seconds * recording.sampling_frequency)
+    correlations = np.zeros(spikes.size, dtype="float64")
+    offsets = np.arange(num_samples)
+    for seg in range(recording.get_num_segments()):
+        length = recording.get_num_samples(seg)
+        in_segment = np.flatnonzero(spikes["segment_index"] == seg)
+        starts = spikes["sample_index"][in_segment].astype("int64") - nbefore
+        inside = (starts >= 0) & (starts + num_samples <= length)
+        for lo in range(0, length, chunk):
+            here = np.flatnonzero(inside & (starts >= lo) & (starts < lo + chunk))
+            if here.size == 0:
+                continue
+            hi = int(starts[here].max()) + num_samples
+            traces = recording.get_traces(segment_index=seg, start_frame=lo, end_frame=hi).astype("float32")
+            windows = traces[(starts[here] - lo)[:, None] + offsets[None, :]]  # (spikes, T, channels)
+            correlations[in_segment[here]] = (windows * dense[rows[in_segment[here]]]).sum(axis=(1, 2))
+    return correlations
+
+
 def sample_matched_waveforms(recording, dense, ids, spikes, channel_table, nbefore, nafter, seed, job_kwargs):
     """(peaks, template rows, waveforms) of up to ``MAX_SPIKES_PER_SPLIT`` random matched spikes of each
     unit, time-ordered, each cut on its unit's local channels (the ``channel_table`` row of the biggest
@@ -271,7 +295,7 @@ def _snr_sparsity(templates, noise_levels, threshold):
     return ChannelSparsity(mask, templates.unit_ids, templates.channel_ids)
 
 
-def match_spikes(recording, templates, noise_levels, params, job_kwargs) -> np.ndarray:
+def match_spikes(recording, templates, noise_levels, params, job_kwargs, method_kwargs=None) -> np.ndarray:
     """Every spike of ``templates`` in ``recording``: a ``spike_dtype`` array, time-ordered.
 
     ``unit_index`` is the template's unit id (accm's unit number), ``amplitude`` the fitted scale.
@@ -289,7 +313,7 @@ def match_spikes(recording, templates, noise_levels, params, job_kwargs) -> np.n
         if not visible.any():
             return np.zeros(0, dtype=spike_dtype)
         templates = templates.select_units(np.asarray(templates.unit_ids)[visible])
-    method_kwargs = {}
+    method_kwargs = dict(method_kwargs or {})
     if method == "tdc-peeler":
         method_kwargs.update(noise_levels=noise_levels, peak_sign=params["peak_sign"],
                              detect_threshold=params["matching_threshold"])
@@ -336,7 +360,7 @@ def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, pr
                                            total_samples, recording.sampling_frequency,
                                            params["duplicate_min_similarity"], protected=protected,
                                            join_drift_splits=params["join_drift_splits"], positions=positions,
-                                           log=log)
+                                           noise_levels=noise_levels, log=log)
     for group in np.unique(joined):
         members = np.unique(spikes["unit_index"][joined == group])
         representative[members] = members.min()

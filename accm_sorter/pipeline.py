@@ -425,7 +425,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
         labels, duplicate_report = merge_duplicate_units(labels, templates, global_samples, total_samples,
                                                          sampling_frequency, params["duplicate_min_similarity"],
                                                          join_drift_splits=params["join_drift_splits"],
-                                                         positions=positions, log=log)
+                                                         positions=positions, noise_levels=noise_levels, log=log)
         merge_report["duplicates"] = duplicate_report
         num_units = int(labels.max()) + 1
     num_curated, labelled_only = 0, np.zeros(0, dtype="int64")

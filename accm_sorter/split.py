@@ -19,6 +19,10 @@ PCA_COMPONENTS = 6
 MAX_SPIKES_PER_SPLIT = 4000
 MAX_LAG_SAMPLES = 2
 DUPLICATE_AMPLITUDE_RATIO = 0.8
+# ... or peaks within this many noise levels of each other: a neuron 2-3 noise levels tall that
+# clustering cut in pieces along its noise has pieces whose peaks differ by more than 20 % but by less
+# than a noise level (dense-overlap seed 2002: GT 16, 2.6 and 2.8 noise levels, ratio 0.79)
+DUPLICATE_MAX_PEAK_DIFFERENCE = 1.0
 ISOCUT_THRESHOLD = 2.0
 # Two units less alike than duplicate_min_similarity, down to this cosine, are joined when their
 # trains never collide in the refractory period and there are enough spikes for that test to mean
@@ -211,14 +215,16 @@ def rate_profile_overlap(train_a, train_b, total_samples) -> float | None:
 
 
 def merge_duplicate_units(labels, templates, samples, total_samples, sampling_frequency, min_similarity,
-                          protected=(), join_drift_splits=False, positions=None, log=None) -> tuple[np.ndarray, list]:
+                          protected=(), join_drift_splits=False, positions=None, noise_levels=None,
+                          log=None) -> tuple[np.ndarray, list]:
     """Join units with the same mean waveform whose spike trains never collide in the refractory period.
 
     Clustering can cut one big neuron into pieces (probe32, seed 2002: a unit of 1631 spikes came out
     as four units whose templates have cosine 0.996-1.0); the pairwise merge runs before splitting
     and does not see the pieces a split leaves. Two units are joined when their templates
     (``templates``, (units, channels, T)) have cosine >= ``min_similarity`` at lags <= 2 samples,
-    peak amplitudes within 20 %, and the refractory guard of the pairwise merge holds; down to
+    peak amplitudes within 20 % (or within ``DUPLICATE_MAX_PEAK_DIFFERENCE`` of the channels'
+    ``noise_levels``, where given), and the refractory guard of the pairwise merge holds; down to
     ``TRAIN_CONFIRMED_MIN_SIMILARITY`` when the refractory test is informative and finds no
     collision. With ``join_drift_splits``, units down to ``DRIFT_SPLIT_MIN_SIMILARITY`` alike and
     ``DRIFT_SPLIT_AMPLITUDE_RATIO`` in amplitude are joined when they take turns firing
@@ -232,6 +238,8 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
 
     num_units = templates.shape[0]
     peak = np.abs(templates).max(axis=(1, 2))
+    # each unit's peak in noise levels of its channels, for the noise-level tolerance
+    peak_snr = (np.abs(templates).max(axis=2) / noise_levels[None, :]).max(axis=1) if noise_levels is not None else None
     lowest_similarity = min(min_similarity, TRAIN_CONFIRMED_MIN_SIMILARITY)
     lowest_amplitude_ratio = DUPLICATE_AMPLITUDE_RATIO
     if join_drift_splits:
@@ -247,6 +255,8 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
     for a in np.setdiff1d(np.arange(num_units), protected):
         for b in np.setdiff1d(np.arange(a + 1, num_units), protected):
             amplitude_ratio = min(peak[a], peak[b]) / max(peak[a], peak[b], 1e-12)
+            if peak_snr is not None and abs(peak_snr[a] - peak_snr[b]) <= DUPLICATE_MAX_PEAK_DIFFERENCE:
+                amplitude_ratio = max(amplitude_ratio, DUPLICATE_AMPLITUDE_RATIO)  # alike within the noise
             if amplitude_ratio < lowest_amplitude_ratio:
                 continue
             cosine, _ = template_similarity(templates[a], templates[b], MAX_LAG_SAMPLES)
