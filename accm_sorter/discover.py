@@ -64,6 +64,11 @@ SMALL_TEMPLATE_MIN_SCALE = 0.7
 SMALL_TEMPLATE_MIN_Z = 4.0
 # wobble fits at a sub-sample shift: the correlation at the spike's own sample is up to this much lower
 SUBSAMPLE_LOSS = 0.05
+# ... and that looser bar stands only where the template's peaks over it on the residual outnumber its
+# sign-flipped template's this many times: the flipped template's count is what noise and subtraction
+# remnants (as often negative as positive) give, so 2 is a false-discovery rate of about 1/2, where adding
+# spikes stops raising a unit's accuracy. Elsewhere the template is held to wobble's own threshold.
+SMALL_TEMPLATE_MIN_EXCESS = 2.0
 
 
 def cluster_residual_peaks(residual, peaks, noise_levels, min_snr, min_firing_rate, seed, job_kwargs):
@@ -298,23 +303,51 @@ def keep_small_units(recording, spikes, small, first_unit_id, window, params, pr
     return time_ordered(spikes, added), templates_of(small.templates, kept, first_unit_id)
 
 
-def matched_filter_noise(recording, templates_array, seed, num_chunks=20, chunk_seconds=1.0):
-    """Spread (MAD-based standard deviation) of each template's correlation with ``recording``, measured on
-    ``num_chunks`` random chunks of ``chunk_seconds``: the matched filter's noise, the few spikes aside.
-    ``templates_array``: (units, samples, channels)."""
+def matched_filter_on_chunks(recording, templates_array, seed, num_chunks=20, chunk_seconds=1.0):
+    """Each template's correlation with ``recording`` on ``num_chunks`` random chunks of ``chunk_seconds``, one
+    array per chunk (a list per template). ``templates_array``: (units, samples, channels)."""
     from scipy.signal import fftconvolve
     from spikeinterface.core import get_random_data_chunks
 
     chunks = get_random_data_chunks(recording, concatenated=False, num_chunks_per_segment=num_chunks,
                                     chunk_size=int(chunk_seconds * recording.sampling_frequency), seed=seed)
-    spread = np.zeros(templates_array.shape[0])
-    for k, template in enumerate(templates_array):
+    correlations = []
+    for template in templates_array:
         channels = np.flatnonzero(np.abs(template).max(axis=0) > 0)
-        values = np.concatenate([
-            fftconvolve(chunk[:, channels].astype("float64"), template[::-1, channels], mode="valid", axes=0).sum(axis=1)
-            for chunk in chunks])
-        spread[k] = 1.4826 * np.median(np.abs(values - np.median(values)))
-    return spread
+        correlations.append([fftconvolve(chunk[:, channels].astype("float64"), template[::-1, channels], mode="valid",
+                                         axes=0).sum(axis=1) for chunk in chunks])
+    return correlations
+
+
+def robust_spread(values) -> float:
+    """Standard deviation from the median absolute deviation: the matched filter's noise, the few spikes aside."""
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def peaks_over(correlation_chunks, height, distance) -> int:
+    """How many peaks at least ``distance`` samples apart reach ``height``, over all chunks."""
+    from scipy.signal import find_peaks
+
+    return sum(find_peaks(values, height=height, distance=distance)[0].size for values in correlation_chunks)
+
+
+def small_template_bars(correlations, energy, wobble_threshold, distance):
+    """(bar on <t, x> for each template, its peaks over that bar, the sign-flipped template's peaks over it).
+
+    ``correlations``: each template's correlation with the residual on random chunks
+    (``matched_filter_on_chunks``); ``energy``: each template's |t|^2. A fit is kept where <t, x> reaches
+    ``SMALL_TEMPLATE_MIN_SCALE`` |t|^2 and ``SMALL_TEMPLATE_MIN_Z`` spreads of that correlation, where the
+    residual holds more of the template's spikes than noise crossings (``SMALL_TEMPLATE_MIN_EXCESS``);
+    elsewhere where wobble's own score, 2<t, x> - |t|^2, clears ``wobble_threshold``. Peaks are counted at
+    least ``distance`` samples apart.
+    """
+    spread = np.array([robust_spread(np.concatenate(chunks)) for chunks in correlations])
+    needed = np.maximum(SMALL_TEMPLATE_MIN_SCALE * energy, SMALL_TEMPLATE_MIN_Z * spread)
+    over = np.array([peaks_over(chunks, bar, distance) for chunks, bar in zip(correlations, needed)])
+    flipped = np.array([peaks_over([-values for values in chunks], bar, distance)
+                        for chunks, bar in zip(correlations, needed)])
+    confirmed = over >= SMALL_TEMPLATE_MIN_EXCESS * np.maximum(flipped, 1)
+    return np.where(confirmed, needed, np.maximum(needed, (energy + wobble_threshold) / 2)), over, flipped
 
 
 def match_small_templates(recording, templates, spikes, noise_levels, params, job_kwargs, window, protected=(),
@@ -334,7 +367,9 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     Wobble's own threshold (50 on 2<t, x> - |t|^2, in the traces' units) asks the faintest templates for
     spikes above their own size; each template is held instead to its own bar: <t, x> at least
     ``SMALL_TEMPLATE_MIN_SCALE`` |t|^2 and ``SMALL_TEMPLATE_MIN_Z`` times the spread of its correlation
-    with the residual (``matched_filter_noise``).
+    with the residual, where that correlation peaks over this bar ``SMALL_TEMPLATE_MIN_EXCESS`` times as
+    often as the sign-flipped template's (on random chunks, ``matched_filter_on_chunks``); elsewhere to
+    wobble's own threshold.
     """
     from spikeinterface.sortingcomponents.matching.wobble import WobbleParameters
 
@@ -354,11 +389,10 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     chosen = templates.select_units(small)
     dense = chosen.get_dense_templates()
     energy = (dense ** 2).sum(axis=(1, 2))
-    spread = matched_filter_noise(residual, dense, params["seed"])
-    # a fit is kept where <t, x> reaches SMALL_TEMPLATE_MIN_SCALE |t|^2 and SMALL_TEMPLATE_MIN_Z spreads;
-    # wobble scores 2<t, x> - |t|^2, so it runs once, at the lowest of these bars, to let the templates
-    # compete for each spike, and each spike is then held to its own template's bar
-    needed = np.maximum(SMALL_TEMPLATE_MIN_SCALE * energy, SMALL_TEMPLATE_MIN_Z * spread)
+    needed, over, flipped = small_template_bars(matched_filter_on_chunks(residual, dense, params["seed"]), energy,
+                                                WobbleParameters().threshold, window)
+    # wobble runs once, at the lowest of these bars, to let the templates compete for each spike, and
+    # each spike is then held to its own template's bar
     loosest = float(np.min(2 * needed - energy))
     found = match_spikes(residual, chosen, noise_levels, dict(params, matching_method="wobble"), job_kwargs,
                          method_kwargs=dict(parameters=dict(threshold=loosest)))
@@ -376,7 +410,9 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     added = found[~repeat & ~copied]
     if log is not None:
         log(f"small-template matching: wobble on the residual with the {small.size} templates under "
-            f"{SMALL_TEMPLATE_MAX_SNR:g} noise levels (bars <t, x> >= {np.round(needed / energy, 2).tolist()} |t|^2) "
+            f"{SMALL_TEMPLATE_MAX_SNR:g} noise levels (bars <t, x> >= {np.round(needed / energy, 2).tolist()} |t|^2; "
+            f"peaks over them on random chunks of the residual {over.tolist()}, of the flipped templates "
+            f"{flipped.tolist()}) "
             f"fitted {fitted} spikes, {found.size} over their bar, {int(repeat.sum())} repeats of their "
             f"unit's and {int((copied & ~repeat).sum())} copies of another unit's dropped, {added.size} added")
     return time_ordered(spikes, added), added.size

@@ -882,6 +882,26 @@ def test_small_templates_keep_their_faint_spikes_but_a_template_lost_in_noise_fi
     assert (both["unit_index"] == 1).sum() == 0
 
 
+def test_a_small_templates_bar_is_loosened_only_where_its_spikes_outnumber_noise_crossings():
+    """The bar of 0.7 |t|^2 and 4 spreads stands for a template whose correlation with the residual peaks over it
+    far more often than the sign-flipped template's does (missed spikes are left); where both tails are alike
+    (noise and remnants only) the template keeps wobble's own threshold, (|t|^2 + 50) / 2."""
+    from accm_sorter.discover import small_template_bars
+
+    rng = np.random.default_rng(0)
+    energy = np.array([40.0, 40.0])
+    noise = [rng.normal(0, 10.0, 30000) for _ in range(20)]  # spread 10: 4 spreads = 40 = |t|^2
+    with_spikes = [values.copy() for values in noise]
+    for values in with_spikes:  # 20 missed spikes a second at <t, x> = 45-55
+        values[rng.choice(np.arange(50, 29950, 100), 20, replace=False)] += rng.uniform(45, 55, 20)
+    needed, over, flipped = small_template_bars([with_spikes, noise], energy, wobble_threshold=50.0, distance=24)
+    # measured: 346 peaks over the bar against 18 of the flipped template; noise alone 18 and 18
+    assert needed[0] == pytest.approx(4 * 10.0, rel=0.05)  # the looser bar: 4 spreads (1.0 |t|^2 here)
+    assert over[0] >= 2 * flipped[0] > 0
+    assert needed[1] == pytest.approx((40.0 + 50.0) / 2)  # noise alone: wobble's own threshold
+    assert over[1] < 2 * max(flipped[1], 1)
+
+
 def test_a_small_template_that_wobble_cannot_see_is_left_out_instead_of_failing_the_pass(short_gt):
     """Wobble looks only at channels where a template's peak-to-peak passes 1 (its visibility threshold);
     SpikeInterface 0.105's wobble fails with an IndexError when the first template has none. Matching
