@@ -62,13 +62,13 @@ SMALL_TEMPLATE_MIN_SCALE = 0.7
 # ... and the template's correlation there is this many times its spread on the residual, where a
 # template too faint to tell from noise (|t|^2 = 6-20 on dense-overlap 2002) would fit noise everywhere
 SMALL_TEMPLATE_MIN_Z = 4.0
-# wobble fits at a sub-sample shift: the correlation at the spike's own sample is up to this much lower
-SUBSAMPLE_LOSS = 0.05
 # ... and that looser bar stands only where the template's peaks over it on the residual outnumber its
 # sign-flipped template's this many times: the flipped template's count is what noise and subtraction
 # remnants (as often negative as positive) give, so 2 is a false-discovery rate of about 1/2, where adding
 # spikes stops raising a unit's accuracy. Elsewhere the template is held to wobble's own threshold.
 SMALL_TEMPLATE_MIN_EXCESS = 2.0
+# wobble fits at a sub-sample shift: the correlation at the spike's own sample is up to this much lower
+SUBSAMPLE_LOSS = 0.05
 
 
 def cluster_residual_peaks(residual, peaks, noise_levels, min_snr, min_firing_rate, seed, job_kwargs):

@@ -334,8 +334,11 @@ PARAMETERS: tuple[Parameter, ...] = (
               "scores the fit of the whole template). The small units of discover_small_units hold only the "
               "residual peaks the matched filter found and gain the rest of their spikes here. A spike within the "
               "censor window of its unit's own, or copying another unit's spikes (a remnant of a subtraction), is "
-              "dropped. Dense-overlap seed 2002: mean accuracy 0.839 -> 0.867, a neuron spread thin over many "
-              "channels 0.00 -> 0.67 (docs/method.md, 9i). Used only when matching_method is not 'none'."),
+              "dropped. Each template keeps fits of at least 0.7 times itself and 4 spreads of its correlation with "
+              "the residual where the residual still holds its spikes (wobble's own threshold elsewhere). "
+              "Dense-overlap seed 2002: mean accuracy 0.839 -> 0.875, a neuron spread thin over many channels "
+              "0.00 -> 0.81; seed 2003 0.941 -> 0.968 (docs/method.md, 9i). Used only when matching_method is not "
+              "'none'."),
     Parameter("discover_min_snr", 3.0, float, "matching",
               "A unit found on the residual is kept when its template's peak-to-peak reaches this many noise "
               "levels on its best channel.", low=0.0, high=100.0),
