@@ -60,7 +60,9 @@ def find_missed_spikes(residual, templates, spikes, curated_units, censor_sample
     ``templates`` is a SpikeInterface ``Templates`` (unit ids = unit numbers), ``spikes`` the matched
     spikes. Returns (new spikes in the ``spikes`` dtype, report per curated unit).
     """
-    from scipy.signal import fftconvolve, find_peaks
+    from scipy.signal import find_peaks
+
+    from .matching import matched_filter
 
     dense = templates.get_dense_templates()  # (units, T, channels)
     unit_ids = np.asarray(templates.unit_ids)
@@ -75,7 +77,6 @@ def find_missed_spikes(residual, templates, spikes, curated_units, censor_sample
         row = int(np.flatnonzero(unit_ids == unit)[0])
         template = dense[row]
         channels = np.flatnonzero(np.abs(template).max(axis=0) > 0)
-        kernel = template[::-1, channels]  # correlation = convolution with the time-reversed template
         energy = float((template[:, channels] ** 2).sum())
         if energy == 0:
             continue
@@ -92,7 +93,7 @@ def find_missed_spikes(residual, templates, spikes, curated_units, censor_sample
                                              channel_ids=residual.channel_ids[channels]).astype("float32")
                 if traces.shape[0] < num_samples:
                     continue
-                score = fftconvolve(traces, kernel, mode="valid", axes=0).sum(axis=1) / energy
+                score = matched_filter(traces, template[:, channels]) / energy
                 # score[i] fits the template starting at sample lo + i: the spike is at lo + i + nbefore
                 times = lo + np.arange(score.size) + nbefore
                 inside = (times >= start) & (times < end)

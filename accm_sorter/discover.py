@@ -306,16 +306,17 @@ def keep_small_units(recording, spikes, small, first_unit_id, window, params, pr
 def matched_filter_on_chunks(recording, templates_array, seed, num_chunks=20, chunk_seconds=1.0):
     """Each template's correlation with ``recording`` on ``num_chunks`` random chunks of ``chunk_seconds``, one
     array per chunk (a list per template). ``templates_array``: (units, samples, channels)."""
-    from scipy.signal import fftconvolve
     from spikeinterface.core import get_random_data_chunks
+
+    from .matching import matched_filter
 
     chunks = get_random_data_chunks(recording, concatenated=False, num_chunks_per_segment=num_chunks,
                                     chunk_size=int(chunk_seconds * recording.sampling_frequency), seed=seed)
     correlations = []
     for template in templates_array:
         channels = np.flatnonzero(np.abs(template).max(axis=0) > 0)
-        correlations.append([fftconvolve(chunk[:, channels].astype("float64"), template[::-1, channels], mode="valid",
-                                         axes=0).sum(axis=1) for chunk in chunks])
+        correlations.append([matched_filter(chunk[:, channels].astype("float64"), template[:, channels])
+                             for chunk in chunks])
     return correlations
 
 
@@ -346,7 +347,7 @@ def small_template_bars(correlations, energy, wobble_threshold, distance):
     over = np.array([peaks_over(chunks, bar, distance) for chunks, bar in zip(correlations, needed)])
     flipped = np.array([peaks_over([-values for values in chunks], bar, distance)
                         for chunks, bar in zip(correlations, needed)])
-    confirmed = over >= SMALL_TEMPLATE_MIN_EXCESS * np.maximum(flipped, 1)
+    confirmed = over >= SMALL_TEMPLATE_MIN_EXCESS * np.maximum(flipped, 1)  # a flipped count of 0 counts as 1
     return np.where(confirmed, needed, np.maximum(needed, (energy + wobble_threshold) / 2)), over, flipped
 
 

@@ -111,6 +111,14 @@ def residual_of_matching(recording, templates, spikes):
                               spikes["amplitude"])
 
 
+def matched_filter(traces, template) -> np.ndarray:
+    """<t, x> of ``template`` (samples, channels) at every position where it fits whole in ``traces`` (samples,
+    channels): entry i is the template laid from sample i on."""
+    from scipy.signal import fftconvolve
+
+    return fftconvolve(traces, template[::-1], mode="valid", axes=0).sum(axis=1)
+
+
 def template_correlations(recording, templates, spikes, chunk_seconds=10.0) -> np.ndarray:
     """<t, x>: each spike's template times ``recording`` at the spike (at its sample, no sub-sample shift)."""
     dense = templates.get_dense_templates()  # (units, T, channels)
