@@ -374,16 +374,15 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     """
     from spikeinterface.sortingcomponents.matching.wobble import WobbleParameters
 
-    from .matching import match_spikes, residual_of_matching, template_correlations
+    from .matching import match_spikes, residual_of_matching, template_correlations, visible_to_wobble
     from .overlaps import refractory_repeats
     from .sorting_tools import global_sample_index
 
     ids = np.asarray(templates.unit_ids)
     dense = templates.get_dense_templates()
     peak = (np.abs(dense).max(axis=1) / noise_levels[None, :]).max(axis=1)
-    # wobble looks only at channels where a template's peak-to-peak passes its visibility threshold
-    visible = np.ptp(dense, axis=1).max(axis=1) > WobbleParameters().visibility_threshold
-    small = ids[(peak < SMALL_TEMPLATE_MAX_SNR) & visible & ~np.isin(ids, protected)]
+    # here too, so that a template wobble cannot see sets no bar for the others
+    small = ids[(peak < SMALL_TEMPLATE_MAX_SNR) & visible_to_wobble(dense) & ~np.isin(ids, protected)]
     if small.size == 0:
         return spikes, 0
     residual = residual_of_matching(recording, templates, spikes)

@@ -303,6 +303,14 @@ def _snr_sparsity(templates, noise_levels, threshold):
     return ChannelSparsity(mask, templates.unit_ids, templates.channel_ids)
 
 
+def visible_to_wobble(dense) -> np.ndarray:
+    """Which templates (``dense``: (units, samples, channels)) wobble can match: it looks only at the channels
+    where a template's peak-to-peak passes its visibility threshold (1: a noise level on whitened traces)."""
+    from spikeinterface.sortingcomponents.matching.wobble import WobbleParameters
+
+    return np.ptp(dense, axis=1).max(axis=1) > WobbleParameters().visibility_threshold
+
+
 def match_spikes(recording, templates, noise_levels, params, job_kwargs, method_kwargs=None) -> np.ndarray:
     """Every spike of ``templates`` in ``recording``: a ``spike_dtype`` array, time-ordered.
 
@@ -312,12 +320,9 @@ def match_spikes(recording, templates, noise_levels, params, job_kwargs, method_
 
     method = params["matching_method"]
     if method == "wobble":
-        from spikeinterface.sortingcomponents.matching.wobble import WobbleParameters
-
-        # wobble looks only at the channels where a template's peak-to-peak passes its visibility
-        # threshold (1: a noise level on whitened traces), and SpikeInterface 0.105's wobble fails with an
-        # IndexError when its first template has none: such a template, which it could not match, is left out
-        visible = np.ptp(templates.get_dense_templates(), axis=1).max(axis=1) > WobbleParameters().visibility_threshold
+        # SpikeInterface 0.105's wobble fails with an IndexError when its first template has no visible
+        # channel: such a template, which it could not match, is left out
+        visible = visible_to_wobble(templates.get_dense_templates())
         if not visible.any():
             return np.zeros(0, dtype=spike_dtype)
         templates = templates.select_units(np.asarray(templates.unit_ids)[visible])
