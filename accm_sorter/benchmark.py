@@ -31,8 +31,9 @@ ABLATIONS = {
     "no-overlap-augment": {"aug_overlap_prob": 0.0},
     # drift tolerance of the embedding: views keep their main channel and all their channels
     "no-spatial-augment": {"aug_spatial_jitter_ratio": 1.0, "aug_channel_dropout": 0.0},
-    # overlapping spikes are not peeled, masked spikes not searched, hidden spikes not matched
-    "no-overlap-resolution": {"resolve_overlaps": False, "masked_spike_threshold": 1.0, "hidden_spike_passes": 0},
+    # overlapping spikes are not peeled, masked spikes not searched, hidden spikes not matched, copies kept
+    "no-overlap-resolution": {"resolve_overlaps": False, "masked_spike_threshold": 1.0, "hidden_spike_passes": 0,
+                              "drop_copied_spikes": False},
     # the detected, classified spikes are the result: no template matching (nor anything after it)
     "no-matching": {"matching_method": "none"},
     # no units are looked for on the residual of matching
@@ -41,6 +42,8 @@ ABLATIONS = {
     "no-motion": {"motion_correction": "off"},
     # no unit is split: neither the clustered units nor the matched ones
     "no-splits": {"split_max_similarity": 0.0, "split_matched_units": False},
+    # the spikes of units with alike templates stay where matching put them
+    "no-reassign": {"reassign_alike_units": False},
     # no unit is merged: neither by the pairwise classifier nor as a duplicate or a drift piece
     "no-merges": {"merge_threshold": 1.0, "duplicate_min_similarity": 1.0, "join_drift_splits": False},
 }

@@ -38,6 +38,21 @@ MATCHED_SPLIT_MIN_PART_SIMILARITY = 0.8
 # neurons of dense-overlap seed 2002 have parts 0.92 and 0.98 alike to their unit and overlap 0.90.
 MATCHED_SPLIT_MIN_RATE_OVERLAP = 0.5
 
+# Two units' spikes at one event (within this many ms) are one spike matched twice ...
+COPY_MAX_LAG_MS = 0.1
+# ... where the two units meet there this many times more often than chance and at least this often:
+# a remnant of one neuron's subtraction that another unit's template fits (dense-overlap seed 2003: a
+# unit held 176 spikes of a neighbour's 3131 at lag 0 +- 3 samples, 15 expected by chance)
+COPY_MIN_EXCESS = 4.0
+COPY_MIN_COUNT = 20
+
+# Units whose templates are at least this alike (cosine at a lag within REASSIGN_MAX_LAG samples) can take
+# each other's spikes: dense-overlap seed 2002's GT 7 and GT 11 (0.85) swapped a quarter of the smaller one's
+REASSIGN_MIN_SIMILARITY = 0.7
+REASSIGN_MAX_LAG = 3
+# rounds of giving each spike to the best-fitting template and re-estimating the templates
+REASSIGN_ROUNDS = 2
+
 spike_dtype = np.dtype([("sample_index", "int64"), ("segment_index", "int64"), ("unit_index", "int64"),
                         ("amplitude", "float32")])
 
@@ -119,27 +134,33 @@ def matched_filter(traces, template) -> np.ndarray:
     return fftconvolve(traces, template[::-1], mode="valid", axes=0).sum(axis=1)
 
 
-def template_correlations(recording, templates, spikes, chunk_seconds=10.0) -> np.ndarray:
-    """<t, x>: each spike's template times ``recording`` at the spike (at its sample, no sub-sample shift)."""
-    dense = templates.get_dense_templates()  # (units, T, channels)
-    rows = np.searchsorted(np.asarray(templates.unit_ids), spikes["unit_index"])
-    num_samples, nbefore = dense.shape[1], templates.nbefore
+def spike_windows(recording, spikes, before, width, chunk_seconds=10.0):
+    """Yield (positions in ``spikes``, windows): ``recording`` from ``before`` samples before each spike on,
+    ``width`` samples long (float32, (n, width, channels)), one chunk of the recording at a time. Spikes whose
+    window leaves their segment are left out."""
     chunk = int(chunk_seconds * recording.sampling_frequency)
-    correlations = np.zeros(spikes.size, dtype="float64")
-    offsets = np.arange(num_samples)
+    offsets = np.arange(width)
     for seg in range(recording.get_num_segments()):
         length = recording.get_num_samples(seg)
         in_segment = np.flatnonzero(spikes["segment_index"] == seg)
-        starts = spikes["sample_index"][in_segment].astype("int64") - nbefore
-        inside = (starts >= 0) & (starts + num_samples <= length)
+        starts = spikes["sample_index"][in_segment].astype("int64") - before
+        inside = (starts >= 0) & (starts + width <= length)
         for lo in range(0, length, chunk):
             here = np.flatnonzero(inside & (starts >= lo) & (starts < lo + chunk))
             if here.size == 0:
                 continue
-            hi = int(starts[here].max()) + num_samples
+            hi = int(starts[here].max()) + width
             traces = recording.get_traces(segment_index=seg, start_frame=lo, end_frame=hi).astype("float32")
-            windows = traces[(starts[here] - lo)[:, None] + offsets[None, :]]  # (spikes, T, channels)
-            correlations[in_segment[here]] = (windows * dense[rows[in_segment[here]]]).sum(axis=(1, 2))
+            yield in_segment[here], traces[(starts[here] - lo)[:, None] + offsets[None, :]]
+
+
+def template_correlations(recording, templates, spikes, chunk_seconds=10.0) -> np.ndarray:
+    """<t, x>: each spike's template times ``recording`` at the spike (at its sample, no sub-sample shift)."""
+    dense = templates.get_dense_templates()  # (units, T, channels)
+    rows = np.searchsorted(np.asarray(templates.unit_ids), spikes["unit_index"])
+    correlations = np.zeros(spikes.size, dtype="float64")
+    for at, windows in spike_windows(recording, spikes, templates.nbefore, dense.shape[1], chunk_seconds):
+        correlations[at] = (windows * dense[rows[at]]).sum(axis=(1, 2))
     return correlations
 
 
@@ -378,6 +399,201 @@ def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, pr
         members = np.unique(spikes["unit_index"][joined == group])
         representative[members] = members.min()
     return representative
+
+
+def coincident_pairs(samples, units, max_lag):
+    """(first, second): index pairs of spikes of different units within ``max_lag`` samples (``samples`` sorted)."""
+    first, second = [], []
+    for step in range(1, samples.size):
+        close = np.flatnonzero(samples[step:] - samples[:-step] <= max_lag)
+        if close.size == 0:
+            break
+        close = close[units[close] != units[close + step]]
+        first.append(close)
+        second.append(close + step)
+    if not first:
+        return np.zeros(0, dtype="int64"), np.zeros(0, dtype="int64")
+    return np.concatenate(first), np.concatenate(second)
+
+
+def drop_copied_spikes(recording, templates, spikes, noise_levels, params, protected=(), log=None):
+    """``spikes`` less the copies of another unit's spikes, and how many were dropped.
+
+    Each matching pass fits what the passes before it left; where a template fits its neuron
+    imperfectly, the remnant of its subtraction can be fitted by a neighbour's template at the
+    neuron's own spike times, and the neighbour's unit then holds a copy of those spikes. Two units
+    sharing channels whose spikes meet within ``COPY_MAX_LAG_MS`` at least ``COPY_MIN_COUNT`` times and
+    ``COPY_MIN_EXCESS`` times as often as chance copy each other there; of each such meeting the spike whose
+    template explains less of the recording (<t, x>^2 / |t|^2, the energy a least-squares fit of the
+    template removes) is the copy. Meetings of units that meet as often as chance are real collisions
+    and are left alone, as are ``protected`` (curated) units' spikes.
+    """
+    from .sorting_tools import global_sample_index
+
+    if spikes.size < 2:
+        return spikes, 0
+    samples, total_samples = global_sample_index(spikes, recording)
+    order = np.argsort(samples, kind="stable")
+    units = spikes["unit_index"][order]
+    max_lag = max(1, int(round(COPY_MAX_LAG_MS * recording.sampling_frequency / 1000)))
+    first, second = coincident_pairs(samples[order], units, max_lag)
+    if first.size == 0:
+        return spikes, 0
+    ids = np.asarray(templates.unit_ids)
+    dense = templates.get_dense_templates()
+    channels = np.ptp(dense, axis=1) / noise_levels[None, :] >= params["template_sparsity_threshold"]
+    row = np.searchsorted(ids, units)
+    low, high = np.minimum(units[first], units[second]), np.maximum(units[first], units[second])
+    pair_keys, pair_of, meetings = np.unique(np.stack([low, high], axis=1), axis=0, return_inverse=True,
+                                             return_counts=True)
+    pair_of = pair_of.ravel()
+    sizes = dict(zip(*np.unique(units, return_counts=True)))
+    chance = np.array([sizes[u] * sizes[v] * (2 * max_lag + 1) / total_samples for u, v in pair_keys])
+    share = np.array([(channels[np.searchsorted(ids, u)] & channels[np.searchsorted(ids, v)]).any()
+                      for u, v in pair_keys])
+    copying = (meetings >= COPY_MIN_COUNT) & (meetings > COPY_MIN_EXCESS * chance) & share
+    if not copying.any():
+        return spikes, 0
+    meet = copying[pair_of]
+    first, second = first[meet], second[meet]
+    involved = np.unique(np.concatenate([first, second]))
+    energy = (dense ** 2).sum(axis=(1, 2))
+    correlation = np.zeros(units.size)
+    correlation[involved] = template_correlations(recording, templates, spikes[order[involved]])
+    explained = np.maximum(correlation, 0) ** 2 / np.maximum(energy[row], 1e-12)
+    copy = np.where(explained[first] < explained[second], first, second)
+    copy = copy[~np.isin(units[copy], protected)]
+    dropped = np.zeros(spikes.size, dtype=bool)
+    dropped[order[copy]] = True
+    if log is not None:
+        report = {f"{u}-{v}": (int(m), round(float(c), 1))
+                  for (u, v), m, c in zip(pair_keys[copying], meetings[copying], chance[copying])}
+        log(f"copied spikes: {int(dropped.sum())} spikes dropped that another unit's template explains better at one "
+            f"event, between units meeting far more often than chance (pair: meetings, expected) {report}")
+    return spikes[~dropped], int(dropped.sum())
+
+
+def peeled_windows(residual, templates, spikes, margin, chunk_seconds=10.0):
+    """Yield (positions in ``spikes``, windows): each spike alone, the ``residual`` of matching with the spike's
+    own fitted template added back, ``margin`` samples wider than the template on each side (float32,
+    (n, T + 2 margin, channels)). Spikes too close to a segment's edge are left out."""
+    dense = templates.get_dense_templates()
+    rows = np.searchsorted(np.asarray(templates.unit_ids), spikes["unit_index"])
+    num_samples = dense.shape[1]
+    for own, windows in spike_windows(residual, spikes, templates.nbefore + margin, num_samples + 2 * margin,
+                                      chunk_seconds):
+        windows[:, margin:margin + num_samples] += spikes["amplitude"][own, None, None] * dense[rows[own]]
+        yield own, windows
+
+
+def alike_units(dense, ids, min_similarity, max_lag, protected=()):
+    """{unit: units whose templates (``dense``: (units, T, channels)) have cosine >= ``min_similarity`` with its own
+    at a lag of at most ``max_lag`` samples}; ``protected`` units have none and are nobody's."""
+    from .pairwise import template_similarity
+
+    free = ~np.isin(ids, protected)
+    channels = np.ptp(dense, axis=1) > 0
+    alike = {int(u): [] for u in ids[free]}
+    for a in np.flatnonzero(free):
+        for b in np.flatnonzero(free):
+            if b <= a or not (channels[a] & channels[b]).any():
+                continue
+            cosine, _ = template_similarity(dense[a].T, dense[b].T, max_lag)
+            if cosine >= min_similarity:
+                alike[int(ids[a])].append(int(ids[b]))
+                alike[int(ids[b])].append(int(ids[a]))
+    return {u: v for u, v in alike.items() if v}
+
+
+def reassign_between_alike_units(recording, templates, spikes, noise_levels, window, protected=(), log=None):
+    """``spikes`` with each spike of units whose templates look alike given to the one that fits it best, and how
+    many moved.
+
+    Matching fits each template with a free amplitude and keeps a template that is a blend of two
+    neurons (its unit's clustered spikes were): where two neurons' templates are alike (dense-overlap
+    seed 2002: GT 7 and GT 11, 4 um apart, cosine 0.85, GT 11 at 0.6 of GT 7's size), a quarter of the
+    smaller neuron's spikes went to the bigger one's unit scaled down and a tenth of the bigger one's to
+    the smaller's. Each spike of such units is taken alone (the residual of matching with its own
+    fit added back) and given to the unit, among its own and those alike to it (``REASSIGN_MIN_SIMILARITY``),
+    whose template at amplitude 1 explains it with the least squared error, at a lag of up to
+    ``REASSIGN_MAX_LAG`` samples, with the prior of each unit's share of the spikes: a Gaussian-noise
+    maximum a posteriori class, where amplitude tells the two apart as well as shape. Templates are
+    the mean of their unit's peeled spikes, re-estimated after each of ``REASSIGN_ROUNDS`` rounds. A
+    spike moved within ``window`` samples of its new unit's own is a repeat and is dropped.
+    """
+    from .overlaps import refractory_repeats
+    from .sorting_tools import global_sample_index
+
+    ids = np.asarray(templates.unit_ids)
+    dense = templates.get_dense_templates()
+    alike = alike_units(dense, ids, REASSIGN_MIN_SIMILARITY, REASSIGN_MAX_LAG, protected)
+    index = np.flatnonzero(np.isin(spikes["unit_index"], list(alike)))
+    if index.size == 0:
+        return spikes, 0
+    residual = residual_of_matching(recording, templates, spikes)
+    chosen = spikes[index]
+    margin, num_samples = REASSIGN_MAX_LAG, dense.shape[1]
+    units = spikes["unit_index"][index].copy()
+    lags = np.zeros(index.size, dtype="int64")
+    group_ids = np.unique(units)
+    variance = float(np.mean(noise_levels ** 2))
+
+    def mean_windows(units, lags):
+        sums = np.zeros((group_ids.size, num_samples, dense.shape[2]), dtype="float64")
+        counts = np.zeros(group_ids.size)
+        for own, windows in peeled_windows(residual, templates, chosen, margin):
+            row = np.searchsorted(group_ids, units[own])
+            for r, lag in set(zip(row.tolist(), lags[own].tolist())):
+                at = (row == r) & (lags[own] == lag)
+                sums[r] += windows[at, margin + lag:margin + lag + num_samples].sum(axis=0)
+            counts += np.bincount(row, minlength=group_ids.size)
+        return (sums / np.maximum(counts, 1)[:, None, None]).astype("float32"), counts
+
+    moved_total = 0
+    for _ in range(REASSIGN_ROUNDS):
+        means, counts = mean_windows(units, lags)
+        energy = (means ** 2).sum(axis=(1, 2))
+        prior = 2 * variance * np.log(np.maximum(counts, 1) / counts.sum())
+        new_units, new_lags = units.copy(), lags.copy()
+        for own, windows in peeled_windows(residual, templates, chosen, margin):
+            flat_len = num_samples * dense.shape[2]
+            for unit in np.unique(units[own]):
+                mine = np.flatnonzero(units[own] == unit)
+                candidates = np.searchsorted(group_ids, [unit] + [u for u in alike[int(unit)] if u in group_ids])
+                best = np.full(mine.size, -np.inf)
+                best_unit, best_lag = np.full(mine.size, unit), np.zeros(mine.size, dtype="int64")
+                for lag in range(-margin, margin + 1):
+                    shifted = windows[mine, margin + lag:margin + lag + num_samples].reshape(mine.size, flat_len)
+                    fits = shifted @ means[candidates].reshape(candidates.size, flat_len).T  # (spikes, candidates)
+                    scores = 2 * fits - energy[candidates] + prior[candidates]
+                    top = scores.argmax(axis=1)
+                    better = scores[np.arange(mine.size), top] > best
+                    best[better] = scores[better, top[better]]
+                    best_unit[better] = group_ids[candidates[top[better]]]
+                    best_lag[better] = lag
+                new_units[own[mine]], new_lags[own[mine]] = best_unit, best_lag
+        changed = (new_units != units) | (new_lags != lags)
+        units, lags = new_units, new_lags
+        if not changed.any():
+            break
+    moved = units != spikes["unit_index"][index]
+    result = spikes.copy()
+    result["unit_index"][index] = units
+    result["sample_index"][index[moved]] += lags[moved]
+    result["amplitude"][index[moved]] = 1.0
+    samples, _ = global_sample_index(result, recording)
+    stay = np.ones(result.size, dtype=bool)
+    stay[index[moved]] = False
+    repeat = refractory_repeats(samples[index[moved]], units[moved], samples[stay], result["unit_index"][stay], window)
+    keep = np.ones(result.size, dtype=bool)
+    keep[index[moved][repeat]] = False
+    if log is not None:
+        pairs, counts = np.unique(np.stack([spikes["unit_index"][index][moved], units[moved]], axis=1), axis=0,
+                                  return_counts=True)
+        top = sorted(zip(counts.tolist(), [f"{a}->{b}" for a, b in pairs]), reverse=True)[:12]
+        log(f"alike units: {int(moved.sum())} spikes given to an alike unit whose template fits them better "
+            f"({int(repeat.sum())} of them repeats of their new unit's own, dropped); most moved {top}")
+    return time_ordered(result[keep]), int(moved.sum())
 
 
 @contextlib.contextmanager

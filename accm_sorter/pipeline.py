@@ -190,6 +190,25 @@ def empty_result(recording, sorter_output_folder, reason: str, log):
     return sorting
 
 
+def join_duplicates(spikes, labels, preprocessed, recording, motion, channel_locations, main_channels, to_final,
+                    num_units, noise_levels, params, job_kwargs, protected, log):
+    """``labels`` of the peaks once the matched units that are one neuron are joined; ``spikes`` take their unit's
+    representative in place (``matching.join_duplicate_units``)."""
+    from .matching import join_duplicate_units
+
+    representative = np.arange(len(to_final))
+    # each spike at its unit's depth: a matched spike has no channel of its own
+    positions = probe_displacement(recording, motion, spikes["sample_index"], spikes["segment_index"],
+                                   channel_locations[main_channels[to_final[spikes["unit_index"]]], 1])
+    found = join_duplicate_units(preprocessed, spikes, noise_levels, params, job_kwargs, protected=protected,
+                                 positions=positions, log=log)
+    representative[:found.size] = found
+    spikes["unit_index"] = representative[spikes["unit_index"]]
+    final_map = np.arange(num_units)
+    final_map[to_final] = to_final[representative]
+    return np.where(labels >= 0, final_map[labels], -1)
+
+
 def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool = False):
     """Sort ``recording`` with validated ``params``; write everything under ``sorter_output_folder``."""
     import torch
@@ -556,21 +575,29 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             timer.start("matching")  # a matching pass, whichever stage ran before it
             spikes, _ = match_small_templates(preprocessed, matching_templates, spikes, noise_levels, params, job_kwargs,
                                               censor, protected=np.flatnonzero(to_final < num_curated), log=log)
-        if params["duplicate_min_similarity"] < 1.0:
-            from .matching import join_duplicate_units
+        if params["drop_copied_spikes"]:
+            from .matching import drop_copied_spikes
 
-            representative = np.arange(len(to_final))
-            # each spike at its unit's depth: a matched spike has no channel of its own
-            positions = probe_displacement(recording, motion, spikes["sample_index"], spikes["segment_index"],
-                                           channel_locations[main_channels[to_final[spikes["unit_index"]]], 1])
-            found = join_duplicate_units(preprocessed, spikes, noise_levels, params, job_kwargs,
-                                         protected=np.flatnonzero(to_final < num_curated), positions=positions,
-                                         log=log)
-            representative[:found.size] = found
-            spikes["unit_index"] = representative[spikes["unit_index"]]
-            final_map = np.arange(num_units)
-            final_map[to_final] = to_final[representative]
-            labels = np.where(labels >= 0, final_map[labels], -1)
+            timer.start("matching")
+            # before the join: once two pieces of one neuron are joined, a copy between them is one unit's
+            # double spike, which this test (between units) no longer sees
+            spikes, _ = drop_copied_spikes(preprocessed, matching_templates, spikes, noise_levels, params,
+                                           protected=np.flatnonzero(to_final < num_curated), log=log)
+        join_args = (preprocessed, recording, motion, channel_locations, main_channels, to_final, num_units,
+                     noise_levels, params, job_kwargs, np.flatnonzero(to_final < num_curated), log)
+        if params["duplicate_min_similarity"] < 1.0:
+            labels = join_duplicates(spikes, labels, *join_args)
+        if params["reassign_alike_units"]:
+            from .matching import reassign_between_alike_units
+
+            timer.start("matching")
+            # between joins: two pieces of one neuron would be sorted by amplitude into a big and a small unit,
+            # so pieces are joined first, and the pieces that this sorting makes alike are joined after
+            spikes, num_moved = reassign_between_alike_units(preprocessed, matching_templates, spikes, noise_levels,
+                                                             censor, protected=np.flatnonzero(to_final < num_curated),
+                                                             log=log)
+            if num_moved and params["duplicate_min_similarity"] < 1.0:
+                labels = join_duplicates(spikes, labels, *join_args)
         if num_curated:
             from .curated import find_missed_spikes
             from .matching import join_templates, residual_of_matching
