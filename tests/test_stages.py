@@ -800,6 +800,23 @@ def test_a_remnant_fitted_by_a_neighbours_template_is_dropped_but_chance_collisi
     assert drop_copied_spikes(recording, templates, spikes, noise, params, protected=[neighbour])[1] == 0
 
 
+def test_spike_windows_come_in_batches_of_bounded_memory_with_the_same_content(short_gt):
+    """However small the memory bound, every spike inside the recording gets the same window once."""
+    from accm_sorter.matching import spike_windows
+
+    recording, _, _, truth, _ = true_spikes_and_templates(short_gt)
+
+    def collected(max_bytes):
+        parts = list(spike_windows(recording, truth, 20, 60, max_bytes=max_bytes))
+        return parts, np.concatenate([at for at, _ in parts]), np.concatenate([w for _, w in parts])
+
+    whole, at_whole, windows_whole = collected(2**28)
+    batched, at_batched, windows_batched = collected(4 * 60 * recording.get_num_channels() * 7)  # 7 windows
+    assert len(batched) > len(whole) and max(w.shape[0] for _, w in batched) <= 7
+    assert np.array_equal(at_whole, at_batched) and np.array_equal(windows_whole, windows_batched)
+    assert np.unique(at_whole).size == at_whole.size >= truth.size - 4  # edge spikes only are left out
+
+
 def test_spikes_swapped_between_alike_units_go_back_to_the_template_that_fits_them(short_gt):
     """Two alike units (one shape at two sizes, cosine 0.985) that traded a quarter and a tenth of their spikes, with
     templates blended by the trade as clustering leaves them: each spike goes back to the unit whose template fits
