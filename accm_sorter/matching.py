@@ -407,11 +407,10 @@ def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, pr
 
 def coincident_pairs(samples, units, max_lag):
     """(first, second): index pairs of spikes of different units within ``max_lag`` samples (``samples`` sorted)."""
+    from .sorting_tools import close_positions
+
     first, second = [], []
-    for step in range(1, samples.size):
-        close = np.flatnonzero(samples[step:] - samples[:-step] <= max_lag)
-        if close.size == 0:
-            break
+    for step, close in close_positions(samples, max_lag):
         close = close[units[close] != units[close + step]]
         first.append(close)
         second.append(close + step)

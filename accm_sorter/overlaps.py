@@ -15,16 +15,12 @@ import numpy as np
 def find_overlapping_pairs(global_samples, main_channels, labels, channel_distances, max_lag: int,
                            radius_um: float) -> tuple[np.ndarray, np.ndarray]:
     """(i, j) index pairs with |t_i - t_j| <= max_lag, main channels within radius, j assigned."""
+    from .sorting_tools import close_positions
+
     order = np.argsort(global_samples, kind="stable")
-    times = global_samples[order]
     firsts, seconds = [], []
-    for offset in range(1, 64):
-        if offset >= times.size:
-            break
-        close = (times[offset:] - times[:-offset]) <= max_lag
-        if not close.any():
-            break
-        a, b = order[:-offset][close], order[offset:][close]
+    for offset, close in close_positions(global_samples[order], max_lag, max_step=63):
+        a, b = order[close], order[close + offset]
         firsts += [a, b]
         seconds += [b, a]
     if not firsts:

@@ -28,6 +28,17 @@ def distance_to_nearest(sorted_times: np.ndarray, samples: np.ndarray) -> np.nda
     return np.minimum(before, after)
 
 
+def close_positions(sorted_times: np.ndarray, max_lag: int, max_step: int | None = None):
+    """Yield (step, positions): the positions i of ``sorted_times`` whose entry i + step is at most ``max_lag``
+    after it, for step = 1, 2, ... (up to ``max_step``) until no entry is that close."""
+    last = sorted_times.size if max_step is None else min(sorted_times.size, max_step + 1)
+    for step in range(1, last):
+        close = np.flatnonzero(sorted_times[step:] - sorted_times[:-step] <= max_lag)
+        if close.size == 0:
+            return
+        yield step, close
+
+
 def with_all_segments(sorting, num_segments: int):
     """``sorting`` with ``num_segments`` segments. SpikeInterface's NumpySorting counts segments up to the last one
     that holds a spike, so trailing segments without spikes (or every segment of an empty sorting) vanish and
