@@ -46,6 +46,13 @@ DRIFT_SPLIT_MAX_RATE_OVERLAP = 0.35
 # firing over time overlapped 0.54-0.57. Where a motion estimate exists, units this alike are joined
 # when their position profiles barely overlap; see docs/method.md for the distinct pairs' figures.
 POSITION_SPLIT_MIN_SIMILARITY = 0.5
+# Another neuron's spikes in a unit collide with a second piece of the unit's neuron as often as chance. Two units
+# whose refractory ratio fails the join's limit are still one neuron when their core spikes (those most like their
+# template, ``matching.core_spikes``) collide at most this often: once contamination is left out, one neuron's
+# pieces hardly collide at all. Dense-overlap seed 2003: two pieces of one neuron 0.41 on all spikes, 0.00 on their
+# core; two neurons of one shape at two sizes (tetrode), whose units each held some of the other's spikes, 0.31 and
+# 0.19; two neurons 4 um apart (dense-overlap seed 2002) 0.59 and 0.58.
+CORE_MAX_REFRACTORY_RATIO = 0.1
 SPIKES_PER_RATE_BIN = 20  # bins hold this many of the smaller unit's spikes on average ...
 MIN_RATE_BINS = 4  # ... and a unit too small for this many bins is never judged by its rate profile
 
@@ -215,7 +222,7 @@ def rate_profile_overlap(train_a, train_b, total_samples) -> float | None:
 
 
 def merge_duplicate_units(labels, templates, samples, total_samples, sampling_frequency, min_similarity,
-                          protected=(), join_drift_splits=False, positions=None, noise_levels=None,
+                          protected=(), join_drift_splits=False, positions=None, noise_levels=None, core=None,
                           log=None) -> tuple[np.ndarray, list]:
     """Join units with the same mean waveform whose spike trains never collide in the refractory period.
 
@@ -231,8 +238,11 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
     (``rate_profile_overlap`` at most ``DRIFT_SPLIT_MAX_RATE_OVERLAP``): one neuron seen at two
     places. ``positions`` (the estimated probe displacement at each spike, from the motion estimate)
     extends that to units down to ``POSITION_SPLIT_MIN_SIMILARITY`` alike that fire at different probe
-    positions (their ``profile_overlap`` over ``positions`` at most the same limit). ``protected`` units
-    (a curator's) are never joined.
+    positions (their ``profile_overlap`` over ``positions`` at most the same limit). ``core`` (a boolean per
+    spike, or None): a pair whose refractory test fails on all their spikes passes when their core spikes
+    collide at most ``CORE_MAX_REFRACTORY_RATIO`` of chance (another neuron's spikes in a unit collide with a
+    second piece of the unit's neuron as often as chance and hide that the two are one).
+    ``protected`` units (a curator's) are never joined.
     """
     from .pairwise import MAX_MERGE_REFRACTORY_RATIO, UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio
 
@@ -272,6 +282,13 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
         in_b = np.isin(labels, np.flatnonzero(group == gb))
         train_a, train_b = np.sort(samples[in_a]), np.sort(samples[in_b])
         ratio = refractory_ratio(train_a, train_b, total_samples, sampling_frequency)
+        on_core = ""
+        if core is not None and ratio > MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO:
+            core_ratio = refractory_ratio(np.sort(samples[in_a & core]), np.sort(samples[in_b & core]),
+                                          total_samples, sampling_frequency)
+            if core_ratio <= CORE_MAX_REFRACTORY_RATIO:
+                on_core = f" on their core spikes, {ratio:.2f} on all"
+                ratio = core_ratio
         if ratio > MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO:
             continue
         # below min_similarity only an informative refractory test can show that two units are one
@@ -294,6 +311,7 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
         if log is not None:
             why = ", they take turns firing: " + ", ".join(
                 f"{name.replace('_', '-profile ')} {value:.2f}" for name, value in turns.items()) if turns else ""
-            log(f"joined duplicate units {a} and {b} (template cosine {cosine:.3f}, refractory ratio {ratio:.2f}{why})")
+            log(f"joined duplicate units {a} and {b} (template cosine {cosine:.3f}, refractory ratio {ratio:.2f}"
+                f"{on_core}{why})")
     _, new_id = np.unique(group, return_inverse=True)
     return np.where(labels >= 0, new_id[np.clip(labels, 0, None)], -1), report

@@ -853,6 +853,67 @@ def test_spikes_swapped_between_alike_units_go_back_to_the_template_that_fits_th
     assert num_moved_from_truth <= 0.01 * truth.size, num_moved_from_truth
 
 
+def test_core_spikes_are_those_most_like_their_units_template(short_gt):
+    """A unit that took in another neuron's spikes: the tenth least like its template that ``core_spikes`` leaves
+    out are the other neuron's."""
+    from accm_sorter.matching import core_spikes, unit_templates
+
+    recording, gt, noise, truth, templates = true_spikes_and_templates(short_gt)
+    dense = templates.get_dense_templates()
+    counts = np.bincount(truth["unit_index"])
+    host = int(np.argmax(counts))
+    # the unit least alike to the host, so its spikes are plainly not the host's
+    flat = dense.reshape(dense.shape[0], -1)
+    cosine = flat @ flat[host] / (np.linalg.norm(flat, axis=1) * np.linalg.norm(flat[host]))
+    guest = int(np.argmin(cosine))
+    rng = np.random.default_rng(4)
+    mixed = truth.copy()
+    guests = np.flatnonzero(truth["unit_index"] == guest)
+    taken = rng.choice(guests, size=max(1, int(0.08 * counts[host])), replace=False)  # 7 % of the mixed unit
+    mixed["unit_index"][taken] = host
+    templates = unit_templates(recording, mixed, mixed["unit_index"], gt.get_num_units(), noise, validate_params({}),
+                               MATCHING_JOB_KWARGS)
+
+    core = core_spikes(recording, templates, mixed)
+
+    in_host = mixed["unit_index"] == host
+    left_out = in_host & ~core
+    assert abs(left_out.sum() / in_host.sum() - 0.1) < 0.03
+    # measured: all of the taken spikes left out
+    assert np.isin(taken, np.flatnonzero(left_out)).mean() >= 0.9
+    assert core[~in_host].mean() >= 0.85  # every unit keeps nine tenths
+
+
+def test_pieces_of_one_neuron_are_joined_when_their_core_spikes_never_collide():
+    """One neuron cut in two pieces, one of them 45 % another neuron's spikes: all spikes together collide in the
+    refractory period at 0.47 of chance, above the join's limit (0.3); the core spikes (here: the neuron's) never do."""
+    from accm_sorter.pairwise import MAX_MERGE_REFRACTORY_RATIO, refractory_ratio
+    from accm_sorter.split import merge_duplicate_units
+
+    fs, duration = 30000.0, 300.0
+    rng = np.random.default_rng(5)
+    intervals = rng.exponential(1 / 20.0, size=int(25 * duration)) + 0.002  # 20 Hz with a 2 ms refractory period
+    neuron = (np.cumsum(intervals) * fs).astype("int64")
+    neuron = neuron[neuron < duration * fs]
+    other = np.sort(rng.choice(int(duration * fs), size=int(0.45 * 0.4 * neuron.size / 0.55), replace=False))
+    samples = np.concatenate([neuron, other])
+    labels = np.concatenate([(rng.random(neuron.size) < 0.4).astype("int64"), np.ones(other.size, dtype="int64")])
+    order = np.argsort(samples, kind="stable")
+    samples, labels = samples[order], labels[order]
+    core = np.concatenate([np.ones(neuron.size, dtype=bool), np.zeros(other.size, dtype=bool)])[order]
+    shape = np.sin(np.linspace(0, 3 * np.pi, 60))[None, :] * np.array([1.0, 0.6, 0.3, 0.1])[:, None]
+    templates = np.stack([shape, 0.95 * shape + 0.01 * rng.standard_normal(shape.shape)])
+    contamination = np.mean(~core[labels == 1])
+
+    plain, plain_report = merge_duplicate_units(labels, templates, samples, int(duration * fs), fs, 0.9)
+    joined, report = merge_duplicate_units(labels, templates, samples, int(duration * fs), fs, 0.9, core=core)
+
+    ratio = refractory_ratio(samples[labels == 0], samples[labels == 1], int(duration * fs), fs)
+    assert 0.4 < contamination < 0.5 and ratio > MAX_MERGE_REFRACTORY_RATIO, (contamination, ratio)
+    assert plain_report == [] and np.unique(plain).size == 2
+    assert len(report) == 1 and report[0]["refractory_ratio"] == 0.0 and np.unique(joined).size == 1
+
+
 def unit_shape_of(short_gt):
     """(band-passed recording, its median noise level, unit 3's template scaled to peak 1) for simulations."""
     from accm_sorter.matching import unit_templates
