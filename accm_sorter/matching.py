@@ -53,13 +53,12 @@ REASSIGN_MAX_LAG = 3
 # rounds of giving each spike to the best-fitting template and re-estimating the templates
 REASSIGN_ROUNDS = 2
 
-# The refractory test of the duplicate join looks at each unit's spikes but this share least alike to its template
-# (the cosine of the spike alone, the residual of matching plus its own fit): where a unit holds another neuron's
-# spikes or noise, they are among them. Two pieces of one neuron on dense-overlap seed 2003 (template cosine 0.89;
-# 8 % and 20 % of their spikes not the neuron's) collided at 0.41 of chance, at 0.00 without their tenth least
-# alike. Two distinct neurons: 0.59 -> 0.58 (dense-overlap seed 2002, cosine 0.85), 1.09 -> 0.85 (low-snr seed 2002,
-# cosine 0.80); leaving out a fifth took the latter to 0.68, the cosine over the whole recording (not the spike
-# alone) to 0.06: a spike that another spike overlaps is less alike to its template (split.CORE_MAX_REFRACTORY_RATIO).
+# A unit's core spikes (split.CORE_MAX_REFRACTORY_RATIO) are all but this share least alike to its template, by the
+# cosine of the spike alone (the residual of matching plus its own fit): where a unit holds another neuron's spikes
+# or noise, they are among them. The spike must be alone: a spike that another overlaps is less alike, so the cosine
+# over the recording left out the very coincidences the refractory test counts (two distinct low-snr seed 2002
+# neurons, cosine 0.80: 1.09 of chance on all spikes, 0.06 with a fifth left out); taken alone, a fifth left out
+# took them to 0.68, a tenth to 0.85, while two pieces of one dense-overlap seed 2003 neuron went 0.36 -> 0.00.
 REFRACTORY_CORE_QUANTILE = 0.1
 
 spike_dtype = np.dtype([("sample_index", "int64"), ("segment_index", "int64"), ("unit_index", "int64"),
@@ -407,8 +406,8 @@ def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, pr
                                            total_samples, recording.sampling_frequency,
                                            params["duplicate_min_similarity"], protected=protected,
                                            join_drift_splits=params["join_drift_splits"], positions=positions,
-                                           noise_levels=noise_levels, core=core_spikes(recording, templates, spikes),
-                                           log=log)
+                                           noise_levels=noise_levels,
+                                           core=lambda: core_spikes(recording, templates, spikes), log=log)
     for group in np.unique(joined):
         members = np.unique(spikes["unit_index"][joined == group])
         representative[members] = members.min()

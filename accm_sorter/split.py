@@ -238,10 +238,11 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
     (``rate_profile_overlap`` at most ``DRIFT_SPLIT_MAX_RATE_OVERLAP``): one neuron seen at two
     places. ``positions`` (the estimated probe displacement at each spike, from the motion estimate)
     extends that to units down to ``POSITION_SPLIT_MIN_SIMILARITY`` alike that fire at different probe
-    positions (their ``profile_overlap`` over ``positions`` at most the same limit). ``core`` (a boolean per
-    spike, or None): a pair whose refractory test fails on all their spikes passes when their core spikes
-    collide at most ``CORE_MAX_REFRACTORY_RATIO`` of chance (another neuron's spikes in a unit collide with a
-    second piece of the unit's neuron as often as chance and hide that the two are one).
+    positions (their ``profile_overlap`` over ``positions`` at most the same limit). ``core`` (None, or a function
+    returning a boolean per spike, called once and only when needed): a pair whose refractory test fails on all
+    their spikes passes when their core spikes collide at most ``CORE_MAX_REFRACTORY_RATIO`` of chance (another
+    neuron's spikes in a unit collide with a second piece of the unit's neuron as often as chance and hide that the
+    two are one).
     ``protected`` units (a curator's) are never joined.
     """
     from .pairwise import MAX_MERGE_REFRACTORY_RATIO, UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio
@@ -274,6 +275,7 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
                 candidates.append((cosine, a, b, amplitude_ratio))
     group = np.arange(num_units)
     report = []
+    core_mask = None
     for cosine, a, b, amplitude_ratio in sorted(candidates, reverse=True):
         ga, gb = group[a], group[b]
         if ga == gb:
@@ -284,7 +286,8 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
         ratio = refractory_ratio(train_a, train_b, total_samples, sampling_frequency)
         on_core = ""
         if core is not None and ratio > MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO:
-            core_ratio = refractory_ratio(np.sort(samples[in_a & core]), np.sort(samples[in_b & core]),
+            core_mask = core() if core_mask is None else core_mask
+            core_ratio = refractory_ratio(np.sort(samples[in_a & core_mask]), np.sort(samples[in_b & core_mask]),
                                           total_samples, sampling_frequency)
             if core_ratio <= CORE_MAX_REFRACTORY_RATIO:
                 on_core = f" on their core spikes, {ratio:.2f} on all"

@@ -906,7 +906,7 @@ def test_pieces_of_one_neuron_are_joined_when_their_core_spikes_never_collide():
     contamination = np.mean(~core[labels == 1])
 
     plain, plain_report = merge_duplicate_units(labels, templates, samples, int(duration * fs), fs, 0.9)
-    joined, report = merge_duplicate_units(labels, templates, samples, int(duration * fs), fs, 0.9, core=core)
+    joined, report = merge_duplicate_units(labels, templates, samples, int(duration * fs), fs, 0.9, core=lambda: core)
 
     ratio = refractory_ratio(samples[labels == 0], samples[labels == 1], int(duration * fs), fs)
     assert 0.4 < contamination < 0.5 and ratio > MAX_MERGE_REFRACTORY_RATIO, (contamination, ratio)
