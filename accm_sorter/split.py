@@ -285,15 +285,16 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
         train_a, train_b = np.sort(samples[in_a]), np.sort(samples[in_b])
         ratio = refractory_ratio(train_a, train_b, total_samples, sampling_frequency)
         on_core = ""
-        if core is not None and ratio > MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO:
+        if ratio > MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO:
+            if core is None:
+                continue
             core_mask = core() if core_mask is None else core_mask
             core_ratio = refractory_ratio(np.sort(samples[in_a & core_mask]), np.sort(samples[in_b & core_mask]),
                                           total_samples, sampling_frequency)
-            if core_ratio <= CORE_MAX_REFRACTORY_RATIO:
-                on_core = f" on their core spikes, {ratio:.2f} on all"
-                ratio = core_ratio
-        if ratio > MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO:
-            continue
+            if core_ratio > CORE_MAX_REFRACTORY_RATIO:
+                continue
+            on_core = f" on their core spikes, {ratio:.2f} on all"
+            ratio = core_ratio
         # below min_similarity only an informative refractory test can show that two units are one
         duplicate = amplitude_ratio >= DUPLICATE_AMPLITUDE_RATIO and (cosine >= min_similarity or (
             cosine >= TRAIN_CONFIRMED_MIN_SIMILARITY and ratio != UNINFORMATIVE_REFRACTORY_RATIO))
