@@ -63,9 +63,10 @@ SMALL_TEMPLATE_MIN_SCALE = 0.7
 # template too faint to tell from noise (|t|^2 = 6-20 on dense-overlap 2002) would fit noise everywhere
 SMALL_TEMPLATE_MIN_Z = 4.0
 # ... and that looser bar stands only where the template's peaks over it on the residual outnumber its
-# sign-flipped template's this many times: the flipped template's count is what noise and subtraction
-# remnants (as often negative as positive) give, so 2 is a false-discovery rate of about 1/2, where adding
-# spikes stops raising a unit's accuracy. Elsewhere the template is held to wobble's own threshold.
+# sign-flipped template's this many times, both counted away from the spikes found so far (what a
+# subtraction left is no noise: low-snr 2002, 59 of GT 7's template's 69 flipped peaks sat there): the flipped
+# template's count is what noise gives, so 2 is a false-discovery rate of about 1/2, where adding spikes stops
+# raising a unit's accuracy. Elsewhere the template is held to wobble's own threshold.
 SMALL_TEMPLATE_MIN_EXCESS = 2.0
 # wobble fits at a sub-sample shift: the correlation at the spike's own sample is up to this much lower
 SUBSAMPLE_LOSS = 0.05
@@ -304,20 +305,36 @@ def keep_small_units(recording, spikes, small, first_unit_id, window, params, pr
 
 
 def matched_filter_on_chunks(recording, templates_array, seed, num_chunks=20, chunk_seconds=1.0):
-    """Each template's correlation with ``recording`` on ``num_chunks`` random chunks of ``chunk_seconds``, one
-    array per chunk (a list per template). ``templates_array``: (units, samples, channels)."""
-    from spikeinterface.core import get_random_data_chunks
+    """(correlations, slices): each template's correlation with ``recording`` on ``num_chunks`` random chunks of
+    ``chunk_seconds``, one array per chunk (a list per template), and each chunk's (segment, start, end).
+    ``templates_array``: (units, samples, channels)."""
+    from spikeinterface.core.recording_tools import get_random_sample_slices
 
     from .matching import matched_filter
 
-    chunks = get_random_data_chunks(recording, concatenated=False, num_chunks_per_segment=num_chunks,
-                                    chunk_size=int(chunk_seconds * recording.sampling_frequency), seed=seed)
+    slices = get_random_sample_slices(recording, num_chunks_per_segment=num_chunks,
+                                      chunk_size=int(chunk_seconds * recording.sampling_frequency), seed=seed)
+    chunks = [recording.get_traces(segment_index=seg, start_frame=start, end_frame=end)
+              for seg, start, end in slices]
     correlations = []
     for template in templates_array:
         channels = np.flatnonzero(np.abs(template).max(axis=0) > 0)
         correlations.append([matched_filter(chunk[:, channels].astype("float64"), template[:, channels])
                              for chunk in chunks])
-    return correlations
+    return correlations, slices
+
+
+def near_found_spikes(slices, spikes, nbefore, window) -> list:
+    """For each chunk (``slices``: (segment, start, end)), True at each position of a template's correlation
+    (the template laid from that sample on) that puts the template's peak within ``window`` samples of a
+    spike of ``spikes``."""
+    from .sorting_tools import distance_to_nearest
+
+    busy = []
+    for seg, start, end in slices:
+        laid = np.sort(spikes["sample_index"][spikes["segment_index"] == seg].astype("int64")) - nbefore
+        busy.append(distance_to_nearest(laid, np.arange(start, end)) <= window)
+    return busy
 
 
 def robust_spread(values) -> float:
@@ -325,14 +342,19 @@ def robust_spread(values) -> float:
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
-def peaks_over(correlation_chunks, height, distance) -> int:
-    """How many peaks at least ``distance`` samples apart reach ``height``, over all chunks."""
+def peaks_over(correlation_chunks, height, distance, busy=None) -> int:
+    """How many peaks at least ``distance`` samples apart reach ``height``, over all chunks, leaving out those
+    where ``busy`` (one boolean array per chunk, or None) is True."""
     from scipy.signal import find_peaks
 
-    return sum(find_peaks(values, height=height, distance=distance)[0].size for values in correlation_chunks)
+    total = 0
+    for at, values in enumerate(correlation_chunks):
+        peaks = find_peaks(values, height=height, distance=distance)[0]
+        total += peaks.size if busy is None else int((~busy[at][:values.size][peaks]).sum())
+    return total
 
 
-def small_template_bars(correlations, energy, wobble_threshold, distance):
+def small_template_bars(correlations, energy, wobble_threshold, distance, busy=None):
     """(bar on <t, x> for each template, its peaks over that bar, the sign-flipped template's peaks over it).
 
     ``correlations``: each template's correlation with the residual on random chunks
@@ -340,12 +362,13 @@ def small_template_bars(correlations, energy, wobble_threshold, distance):
     ``SMALL_TEMPLATE_MIN_SCALE`` |t|^2 and ``SMALL_TEMPLATE_MIN_Z`` spreads of that correlation, where the
     residual holds more of the template's spikes than noise crossings (``SMALL_TEMPLATE_MIN_EXCESS``);
     elsewhere where wobble's own score, 2<t, x> - |t|^2, clears ``wobble_threshold``. Peaks are counted at
-    least ``distance`` samples apart.
+    least ``distance`` samples apart, and only where ``busy`` (``near_found_spikes``; None: everywhere) is False:
+    where a spike was subtracted the residual holds what its fit left, not noise.
     """
     spread = np.array([robust_spread(np.concatenate(chunks)) for chunks in correlations])
     needed = np.maximum(SMALL_TEMPLATE_MIN_SCALE * energy, SMALL_TEMPLATE_MIN_Z * spread)
-    over = np.array([peaks_over(chunks, bar, distance) for chunks, bar in zip(correlations, needed)])
-    flipped = np.array([peaks_over([-values for values in chunks], bar, distance)
+    over = np.array([peaks_over(chunks, bar, distance, busy) for chunks, bar in zip(correlations, needed)])
+    flipped = np.array([peaks_over([-values for values in chunks], bar, distance, busy)
                         for chunks, bar in zip(correlations, needed)])
     confirmed = over >= SMALL_TEMPLATE_MIN_EXCESS * np.maximum(flipped, 1)  # a flipped count of 0 counts as 1
     return np.where(confirmed, needed, np.maximum(needed, (energy + wobble_threshold) / 2)), over, flipped
@@ -369,8 +392,8 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     spikes above their own size; each template is held instead to its own bar: <t, x> at least
     ``SMALL_TEMPLATE_MIN_SCALE`` |t|^2 and ``SMALL_TEMPLATE_MIN_Z`` times the spread of its correlation
     with the residual, where that correlation peaks over this bar ``SMALL_TEMPLATE_MIN_EXCESS`` times as
-    often as the sign-flipped template's (on random chunks, ``matched_filter_on_chunks``); elsewhere to
-    wobble's own threshold.
+    often as the sign-flipped template's (on random chunks, ``matched_filter_on_chunks``, away from the spikes
+    found so far, ``near_found_spikes``); elsewhere to wobble's own threshold.
     """
     from spikeinterface.sortingcomponents.matching.wobble import WobbleParameters
 
@@ -389,8 +412,9 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     chosen = templates.select_units(small)
     dense = chosen.get_dense_templates()
     energy = (dense ** 2).sum(axis=(1, 2))
-    needed, over, flipped = small_template_bars(matched_filter_on_chunks(residual, dense, params["seed"]), energy,
-                                                WobbleParameters().threshold, window)
+    correlations, slices = matched_filter_on_chunks(residual, dense, params["seed"])
+    needed, over, flipped = small_template_bars(correlations, energy, WobbleParameters().threshold, window,
+                                                busy=near_found_spikes(slices, spikes, chosen.nbefore, window))
     # wobble runs once, at the lowest of these bars, to let the templates compete for each spike, and
     # each spike is then held to its own template's bar
     loosest = float(np.min(2 * needed - energy))
@@ -411,8 +435,8 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     if log is not None:
         log(f"small-template matching: wobble on the residual with the {small.size} templates under "
             f"{SMALL_TEMPLATE_MAX_SNR:g} noise levels (bars <t, x> >= {np.round(needed / energy, 2).tolist()} |t|^2; "
-            f"peaks over them on random chunks of the residual {over.tolist()}, of the flipped templates "
-            f"{flipped.tolist()}) "
+            f"peaks over them on random chunks of the residual, away from found spikes, {over.tolist()}, of the "
+            f"flipped templates {flipped.tolist()}) "
             f"fitted {fitted} spikes, {found.size} over their bar, {int(repeat.sum())} repeats of their "
             f"unit's and {int((copied & ~repeat).sum())} copies of another unit's dropped, {added.size} added")
     return time_ordered(spikes, added), added.size

@@ -1061,6 +1061,37 @@ def test_a_small_templates_bar_is_loosened_only_where_its_spikes_outnumber_noise
     assert over[1] < 2 * max(flipped[1], 1)
 
 
+def test_a_small_templates_noise_count_leaves_out_the_remnants_of_subtracted_spikes():
+    """Where matching subtracted a spike, the residual holds what its fit left (low-snr 2002: 59 of the 69 flipped
+    peaks of GT 7's template sat within 0.4 ms of a found spike), not noise: peaks there are counted for neither
+    tail, so remnants do not hold a template whose missed spikes outnumber the noise crossings elsewhere to
+    wobble's own threshold."""
+    from accm_sorter.discover import near_found_spikes, small_template_bars
+    from accm_sorter.matching import spike_dtype
+
+    rng = np.random.default_rng(1)
+    energy = np.array([40.0])
+    nbefore, window, length = 30, 12, 30000
+    slices = [(0, 30000 * k, 30000 * (k + 1)) for k in range(20)]
+    found = np.zeros(20 * 60, dtype=spike_dtype)
+    found["sample_index"] = (np.arange(20)[:, None] * length + np.arange(250, 29950, 500)[None, :]).ravel()
+    chunks = []
+    for k in range(20):
+        values = rng.normal(0, 10.0, length)
+        values[np.arange(250, 29950, 500) - nbefore] -= 60.0  # a negative remnant at each found spike
+        values[rng.choice(np.arange(100, 29900, 500), 10, replace=False)] += rng.uniform(45, 55, 10)  # missed spikes
+        chunks.append(values)
+    busy = near_found_spikes(slices, found, nbefore, window)
+    assert busy[3][250 - nbefore - window] and busy[3][250 - nbefore + window]
+    assert not busy[3][250 - nbefore - window - 1] and not busy[3][100]
+    needed, over, flipped = small_template_bars([chunks], energy, wobble_threshold=50.0, distance=24)
+    assert flipped[0] > over[0] / 2  # the remnants alone outnumber half the missed spikes ...
+    assert needed[0] == pytest.approx((40.0 + 50.0) / 2)  # ... and hold the template to wobble's threshold
+    needed, over, flipped = small_template_bars([chunks], energy, wobble_threshold=50.0, distance=24, busy=busy)
+    assert over[0] >= 2 * max(flipped[0], 1) and over[0] >= 150  # the missed spikes are still counted
+    assert needed[0] == pytest.approx(4 * 10.0, rel=0.05)
+
+
 def test_a_small_template_that_wobble_cannot_see_is_left_out_instead_of_failing_the_pass(short_gt):
     """Wobble looks only at channels where a template's peak-to-peak passes 1 (its visibility threshold);
     SpikeInterface 0.105's wobble fails with an IndexError when the first template has none. Matching
