@@ -31,9 +31,10 @@ ABLATIONS = {
     "no-overlap-augment": {"aug_overlap_prob": 0.0},
     # drift tolerance of the embedding: views keep their main channel and all their channels
     "no-spatial-augment": {"aug_spatial_jitter_ratio": 1.0, "aug_channel_dropout": 0.0},
-    # overlapping spikes are not peeled, masked spikes not searched, hidden spikes not matched, copies kept
+    # overlapping spikes are not peeled, masked spikes not searched, hidden spikes not matched, unfitted spikes not
+    # refitted with their overlapping neighbours, copies kept
     "no-overlap-resolution": {"resolve_overlaps": False, "masked_spike_threshold": 1.0, "hidden_spike_passes": 0,
-                              "drop_copied_spikes": False},
+                              "refit_unfitted_spikes": False, "drop_copied_spikes": False},
     # the detected, classified spikes are the result: no template matching (nor anything after it)
     "no-matching": {"matching_method": "none"},
     # no units are looked for on the residual of matching

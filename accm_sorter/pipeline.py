@@ -575,6 +575,12 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             timer.start("matching")  # a matching pass, whichever stage ran before it
             spikes, _ = match_small_templates(preprocessed, matching_templates, spikes, noise_levels, params, job_kwargs,
                                               censor, protected=np.flatnonzero(to_final < num_curated), log=log)
+        if params["refit_unfitted_spikes"]:
+            from .matching import drop_unfitted_spikes
+
+            timer.start("matching")
+            spikes, _ = drop_unfitted_spikes(preprocessed, matching_templates, spikes,
+                                             protected=np.flatnonzero(to_final < num_curated), log=log)
         if params["drop_copied_spikes"]:
             from .matching import drop_copied_spikes
 

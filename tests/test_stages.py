@@ -1168,3 +1168,59 @@ def test_every_matching_engine_reports_the_templates_scale_as_amplitude(method):
     spikes = match_spikes(recording, templates, noise_levels, params, job_kwargs)
     assert spikes.size > 0.8 * gt_spikes.size
     assert 0.8 < np.median(spikes["amplitude"]) < 1.25
+
+
+def test_a_spike_kept_unfitted_on_a_neighbours_remnant_is_dropped_and_a_real_collision_stays():
+    """A small unit's residual peaks are kept at amplitude 1 without a fit. Where a big neighbour was matched at too
+    small an amplitude, its remnant fits the small template by itself (the fit alone keeps it); refitted together
+    with the neighbour's template it comes out near 0 and is dropped, while the small neuron's own spikes, alone or
+    overlapping the big one, refit near 1 and stay."""
+    from spikeinterface.core import NumpyRecording, Templates
+
+    from accm_sorter.matching import drop_unfitted_spikes, refitted_amplitudes, spike_dtype
+
+    rng = np.random.default_rng(5)
+    fs, width, nbefore, channels = 30000.0, 60, 20, 4
+    t = np.arange(width)
+    big = np.zeros((width, channels))
+    big[:, 0], big[:, 1] = -20 * np.exp(-0.5 * ((t - nbefore) / 2.0) ** 2), -10 * np.exp(-0.5 * ((t - nbefore) / 2.5) ** 2)
+    small = np.zeros((width, channels))
+    small[:, 0], small[:, 1] = -3 * np.exp(-0.5 * ((t - nbefore) / 3.0) ** 2), -4 * np.exp(-0.5 * ((t - nbefore) / 3.0) ** 2)
+    traces = rng.normal(0, 1.0, (int(4 * fs), channels)).astype("float32")
+    big_times = np.arange(1000, 118000, 1000)
+    alone = np.arange(1500, 59000, 1000)  # the small neuron between the big one's spikes
+    colliding = big_times[60:] + 6  # ... and 6 samples after them
+    for times, shape, scale in ((big_times, big, 1.25), (alone, small, 1.0), (colliding, small, 1.0)):
+        for s in times:
+            traces[s - nbefore:s - nbefore + width] += scale * shape
+    recording = NumpyRecording([traces], sampling_frequency=fs)
+    templates = Templates(templates_array=np.stack([big, small]).astype("float32"), sampling_frequency=fs,
+                          nbefore=nbefore, unit_ids=np.arange(2), channel_ids=recording.channel_ids)
+    remnants = big_times[:60]  # the small unit's false spikes: the big neuron's alone
+    spikes = np.zeros(big_times.size + alone.size + colliding.size + remnants.size, dtype=spike_dtype)
+    spikes["sample_index"] = np.concatenate([big_times, alone, colliding, remnants])
+    spikes["unit_index"] = np.repeat([0, 1, 1, 1], [big_times.size, alone.size, colliding.size, remnants.size])
+    spikes["amplitude"] = np.repeat([1.02, 1.0, 1.0, 1.0], [big_times.size, alone.size, colliding.size, remnants.size])
+    order = np.argsort(spikes["sample_index"], kind="stable")
+    spikes = spikes[order]
+    is_remnant = np.repeat([False, False, False, True], [big_times.size, alone.size, colliding.size,
+                                                          remnants.size])[order]
+    # the big neuron's remnant (0.23 of it) alone fits the small template well over half its size
+    alone_fit = (0.23 * big * small).sum() / (small * small).sum()
+    assert alone_fit > 0.5
+
+    from accm_sorter.matching import residual_of_matching
+
+    refitted = refitted_amplitudes(residual_of_matching(recording, templates, spikes), templates, spikes,
+                                   spikes["unit_index"] == 1)
+    assert np.all(np.isnan(refitted[spikes["unit_index"] == 0]))
+    assert np.median(refitted[is_remnant]) < 0.2
+    assert np.median(refitted[~is_remnant & (spikes["unit_index"] == 1)]) == pytest.approx(1.0, abs=0.15)
+
+    kept, dropped = drop_unfitted_spikes(recording, templates, spikes)
+    kept_small = set(kept["sample_index"][kept["unit_index"] == 1].tolist())
+    assert np.mean([s in kept_small for s in remnants]) < 0.1
+    assert np.mean([s in kept_small for s in alone]) > 0.95
+    assert np.mean([s in kept_small for s in colliding]) > 0.95
+    assert (kept["unit_index"] == 0).sum() == big_times.size  # fitted spikes are not refitted
+    assert dropped == spikes.size - kept.size
