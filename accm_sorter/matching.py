@@ -63,10 +63,10 @@ REFRACTORY_CORE_QUANTILE = 0.1
 
 # A spike taken at its template's scale without a fit (a small unit's residual peak, a small template's wobble
 # match) is refitted together with the templates of every spike that overlaps it, each free to move in amplitude
-# and by a sub-sample shift; it stays where its own template's least-squares amplitude is at least this: halfway
-# between a spike that is not there (0) and one that is (1). On dense-overlap seed 2002 the faint units' true spikes
-# refitted to 0.73-1.3 (10th-90th percentile), while 40-71 % of the spikes they held at other units' spikes and 70 %
-# of GT 14's unit's other false spikes refitted below it (docs/method.md, 9l).
+# and by a sub-sample shift; it stays where its own template's least-squares amplitude is at least this in both fits
+# (on its own channels, and on those and its neighbours'): halfway between a spike that is not there (0) and one
+# that is (1). On dense-overlap seed 2002 the faint units' true spikes alone refitted to 0.70-1.24 (10th-90th
+# percentile), while 37-84 % of the false spikes they held at other units' spikes refitted below it (docs/method.md, 9l).
 MIN_REFITTED_AMPLITUDE = 0.5
 
 spike_dtype = np.dtype([("sample_index", "int64"), ("segment_index", "int64"), ("unit_index", "int64"),
@@ -495,13 +495,16 @@ def drop_copied_spikes(recording, templates, spikes, noise_levels, params, prote
 
 def refitted_amplitudes(recording, templates, spikes, which, chunk_seconds=10.0) -> np.ndarray:
     """Least-squares amplitude of each of ``spikes[which]``'s template at its spike, fitted together with every other
-    spike whose template overlaps it.
+    spike whose template overlaps it: the smaller of two fits.
 
     ``recording`` is the residual of matching (every spike of ``spikes`` subtracted at its amplitude). Over the
-    spike's template (its samples, and its channels where ``templates`` are sparse) the residual plus the spike's
-    own template at its amplitude is fitted by that template and, for each overlapping spike, the part of that
-    spike's scaled template and of its time derivative that falls there, so that a neighbour's misfitted amplitude
-    or sub-sample shift is not taken for the spike.
+    spike's template's samples the residual plus the spike's own template at its amplitude is fitted by that
+    template and, for each overlapping spike, the part of that spike's scaled template and of its time derivative
+    that falls there, so that a neighbour's misfitted amplitude or sub-sample shift is not taken for the spike.
+    The fit is made on the spike's own channels, where a neighbour's amplitude is free to absorb the neighbour's
+    local template error, and again on its channels and the neighbours' (where ``templates`` are sparse), where a
+    neighbour's amplitude is pinned by the channels only it reaches and cannot trade off against a small template
+    that looks like it locally.
     """
     from .sorting_tools import global_sample_index
 
@@ -517,22 +520,26 @@ def refitted_amplitudes(recording, templates, spikes, which, chunk_seconds=10.0)
     chosen = np.flatnonzero(which)
     for at, windows in spike_windows(recording, spikes[chosen], nbefore, width, chunk_seconds):
         for index, window in zip(chosen[at], windows):
-            channels = mask[rows[index]]
-            own = dense[rows[index]][:, channels]
-            target = window[:, channels] + spikes["amplitude"][index] * own
             lo, hi = np.searchsorted(sorted_samples, [samples[index] - width + 1, samples[index] + width])
-            regressors = []
-            for other in order[lo:hi]:
-                if other == index:
-                    continue
+            overlapping = order[lo:hi][order[lo:hi] != index]
+            own_channels = mask[rows[index]]
+            all_channels = own_channels | mask[rows[overlapping]].any(axis=0)
+            # regressors: each overlapping spike's scaled template and its slope, laid where they fall, then its own
+            design = np.zeros((2 * overlapping.size + 1, width, dense.shape[2]), dtype="float64")
+            for k, other in enumerate(overlapping):
                 offset = samples[other] - samples[index]  # where the neighbour's template starts in the window
                 first, last = max(offset, 0), min(offset + width, width)
-                for shape in (dense[rows[other]], slopes[rows[other]]):
-                    placed = np.zeros_like(own)
-                    placed[first:last] = spikes["amplitude"][other] * shape[first - offset:last - offset][:, channels]
-                    regressors.append(placed.ravel())
-            design = np.stack(regressors + [own.ravel()], axis=1)
-            amplitudes[index] = np.linalg.lstsq(design, target.ravel(), rcond=None)[0][-1]
+                design[2 * k, first:last] = spikes["amplitude"][other] * dense[rows[other], first - offset:last - offset]
+                design[2 * k + 1, first:last] = spikes["amplitude"][other] * slopes[rows[other], first - offset:last - offset]
+            design[-1] = dense[rows[index]]
+            target = window + spikes["amplitude"][index] * dense[rows[index]]
+            fits = []
+            for channels in ((own_channels, all_channels) if (all_channels != own_channels).any() else (own_channels,)):
+                on = design[:, :, channels].reshape(design.shape[0], -1)
+                # normal equations: the design is a few dozen regressors by thousands of samples
+                coefficients = np.linalg.lstsq(on @ on.T, on @ target[:, channels].ravel(), rcond=None)[0]
+                fits.append(coefficients[-1])
+            amplitudes[index] = min(fits)
     return amplitudes
 
 
@@ -542,8 +549,9 @@ def drop_unfitted_spikes(recording, templates, spikes, protected=(), log=None):
     A small unit keeps the residual peaks the matched filter found, and the small-template pass keeps wobble's
     matches, each at amplitude 1, never fitted. Where a bigger neighbour's subtraction left a remnant, or noise
     peaked, that peak is a false spike of the small unit. Each spike at amplitude exactly 1 is refitted with its
-    overlapping neighbours (``refitted_amplitudes``) on the residual of matching and dropped when its amplitude
-    comes out under ``MIN_REFITTED_AMPLITUDE``. ``protected`` (curated) units' spikes stay.
+    overlapping neighbours (``refitted_amplitudes``, the smaller of two fits) on the residual of matching and
+    dropped when its amplitude comes out under ``MIN_REFITTED_AMPLITUDE``. ``protected`` (curated) units' spikes
+    stay.
     """
     unfitted = (spikes["amplitude"] == 1.0) & ~np.isin(spikes["unit_index"], protected)
     if not unfitted.any():

@@ -342,9 +342,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("refit_unfitted_spikes", True, bool, "matching",
               "After the small-template pass, refit every spike kept at its template's scale without a fit (the "
               "small units' residual peaks, the small templates' wobble matches) on the residual of matching, "
-              "together with the templates (and their time derivatives) of the spikes overlapping it, and drop it "
-              "where its own amplitude comes out under 0.5: a remnant of a neighbour's subtraction or a noise peak "
-              "(docs/method.md, 9l). Used only when matching_method is not 'none'."),
+              "together with the templates (and their time derivatives) of the spikes overlapping it, once on its "
+              "own channels and once on those and its neighbours', and drop it where either fit gives it under 0.5 "
+              "of its template: a remnant of a neighbour's subtraction or a noise peak (docs/method.md, 9l). Used "
+              "only when matching_method is not 'none'."),
     Parameter("reassign_alike_units", True, bool, "matching",
               "After the last matching pass, each spike of units whose templates look alike (cosine >= 0.7) is "
               "taken alone (the residual with its own fit added back) and given to the unit among them whose "
