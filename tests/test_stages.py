@@ -1177,7 +1177,7 @@ def test_a_spike_kept_unfitted_on_a_neighbours_remnant_is_dropped_and_a_real_col
     overlapping the big one, refit near 1 and stay."""
     from spikeinterface.core import NumpyRecording, Templates
 
-    from accm_sorter.matching import drop_unfitted_spikes, refitted_amplitudes, spike_dtype
+    from accm_sorter.matching import drop_unfitted_spikes, refitted_amplitudes, residual_of_matching, spike_dtype
 
     rng = np.random.default_rng(5)
     fs, width, nbefore, channels = 30000.0, 60, 20, 4
@@ -1209,18 +1209,22 @@ def test_a_spike_kept_unfitted_on_a_neighbours_remnant_is_dropped_and_a_real_col
     alone_fit = (0.23 * big * small).sum() / (small * small).sum()
     assert alone_fit > 0.5
 
-    from accm_sorter.matching import residual_of_matching
+    from spikeinterface.core import ChannelSparsity
 
-    refitted = refitted_amplitudes(residual_of_matching(recording, templates, spikes), templates, spikes,
-                                   spikes["unit_index"] == 1)
-    assert np.all(np.isnan(refitted[spikes["unit_index"] == 0]))
-    assert np.median(refitted[is_remnant]) < 0.2
-    assert np.median(refitted[~is_remnant & (spikes["unit_index"] == 1)]) == pytest.approx(1.0, abs=0.15)
+    # sparse templates: the small one on its 2 channels, the big one on all 4, so both fits are made
+    sparse = templates.to_sparse(ChannelSparsity(np.array([[True] * 4, [True, True, False, False]]), np.arange(2),
+                                                 recording.channel_ids))
+    for chosen in (templates, sparse):
+        refitted = refitted_amplitudes(residual_of_matching(recording, chosen, spikes), chosen, spikes,
+                                       spikes["unit_index"] == 1)
+        assert np.all(np.isnan(refitted[spikes["unit_index"] == 0]))
+        assert np.median(refitted[is_remnant]) < 0.2
+        assert np.median(refitted[~is_remnant & (spikes["unit_index"] == 1)]) == pytest.approx(1.0, abs=0.15)
 
-    kept, dropped = drop_unfitted_spikes(recording, templates, spikes)
-    kept_small = set(kept["sample_index"][kept["unit_index"] == 1].tolist())
-    assert np.mean([s in kept_small for s in remnants]) < 0.1
-    assert np.mean([s in kept_small for s in alone]) > 0.95
-    assert np.mean([s in kept_small for s in colliding]) > 0.95
-    assert (kept["unit_index"] == 0).sum() == big_times.size  # fitted spikes are not refitted
-    assert dropped == spikes.size - kept.size
+        kept, dropped = drop_unfitted_spikes(recording, chosen, spikes)
+        kept_small = set(kept["sample_index"][kept["unit_index"] == 1].tolist())
+        assert np.mean([s in kept_small for s in remnants]) < 0.1
+        assert np.mean([s in kept_small for s in alone]) > 0.95
+        assert np.mean([s in kept_small for s in colliding]) > 0.95
+        assert (kept["unit_index"] == 0).sum() == big_times.size  # fitted spikes are not refitted
+        assert dropped == spikes.size - kept.size
