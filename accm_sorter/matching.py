@@ -65,8 +65,9 @@ REFRACTORY_CORE_QUANTILE = 0.1
 # match) is refitted together with the templates of every spike that overlaps it, each free to move in amplitude
 # and by a sub-sample shift; it stays where its own template's least-squares amplitude is at least this in both fits
 # (on its own channels, and on those and its neighbours'): halfway between a spike that is not there (0) and one
-# that is (1). On dense-overlap seed 2002 the faint units' true spikes alone refitted to 0.70-1.24 (10th-90th
-# percentile), while 37-84 % of the false spikes they held at other units' spikes refitted below it (docs/method.md, 9l).
+# that is (1). On dense-overlap seed 2002 the faint units' true spikes away from others' refitted to 0.70-1.24
+# (10th-90th percentile), while 37-84 % of the false spikes they held at other units' spikes refitted below it
+# (docs/method.md, 9l).
 MIN_REFITTED_AMPLITUDE = 0.5
 
 spike_dtype = np.dtype([("sample_index", "int64"), ("segment_index", "int64"), ("unit_index", "int64"),
@@ -529,8 +530,9 @@ def refitted_amplitudes(recording, templates, spikes, which, chunk_seconds=10.0)
             for k, other in enumerate(overlapping):
                 offset = samples[other] - samples[index]  # where the neighbour's template starts in the window
                 first, last = max(offset, 0), min(offset + width, width)
-                design[2 * k, first:last] = spikes["amplitude"][other] * dense[rows[other], first - offset:last - offset]
-                design[2 * k + 1, first:last] = spikes["amplitude"][other] * slopes[rows[other], first - offset:last - offset]
+                scale, part = spikes["amplitude"][other], slice(first - offset, last - offset)
+                design[2 * k, first:last] = scale * dense[rows[other], part]
+                design[2 * k + 1, first:last] = scale * slopes[rows[other], part]
             design[-1] = dense[rows[index]]
             target = window + spikes["amplitude"][index] * dense[rows[index]]
             fits = []
