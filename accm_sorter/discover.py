@@ -382,8 +382,10 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     goes through template matching (dense-overlap seed 2002: GT 16, 2.3 noise levels after whitening
     and spread thin over many channels, was three small units holding 30 % of its spikes). Once every
     spike found so far is subtracted, the templates whose peak is under ``SMALL_TEMPLATE_MAX_SNR``
-    noise levels are matched alone on what is left by SpikeInterface's wobble (lupin's engine), which
-    scores the fit of the whole template. A found spike within ``window`` samples of its unit's own is
+    noise levels are matched on what is left by SpikeInterface's wobble (lupin's engine), which scores the
+    fit of the whole template, with every other template wobble can see competing at wobble's own threshold
+    (where matching left a big neuron's spike whole, a small template alone would take it); only the small
+    templates' spikes are kept. A found spike within ``window`` samples of its unit's own is
     a repeat; one that copies another unit's spikes (``find_copies``) is the remnant of an imperfect
     subtraction that a small template happens to fit. Both are dropped. ``protected`` (curated) units
     are not matched here: their own search follows.
@@ -409,20 +411,30 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     if small.size == 0:
         return spikes, 0
     residual = residual_of_matching(recording, templates, spikes)
-    chosen = templates.select_units(small)
+    # every template wobble can see competes, so that what matching left of a big neuron's spike (or a spike it
+    # missed) goes to that neuron's template, held to wobble's own threshold, and not to a small template that
+    # fits part of it; only the small templates' spikes are kept
+    competing = ids[visible_to_wobble(dense) & ~np.isin(ids, protected)]
+    chosen = templates.select_units(competing)
     dense = chosen.get_dense_templates()
     energy = (dense ** 2).sum(axis=(1, 2))
-    correlations, slices = matched_filter_on_chunks(residual, dense, params["seed"])
-    needed, over, flipped = small_template_bars(correlations, energy, WobbleParameters().threshold, window,
-                                                busy=near_found_spikes(slices, spikes, chosen.nbefore, window))
+    is_small = np.isin(competing, small)
+    correlations, slices = matched_filter_on_chunks(residual, dense[is_small], params["seed"])
+    small_needed, over, flipped = small_template_bars(correlations, energy[is_small], WobbleParameters().threshold,
+                                                      window, busy=near_found_spikes(slices, spikes, chosen.nbefore,
+                                                                                     window))
+    needed = (energy + WobbleParameters().threshold) / 2
+    needed[is_small] = small_needed
     # wobble runs once, at the lowest of these bars, to let the templates compete for each spike, and
     # each spike is then held to its own template's bar
     loosest = float(np.min(2 * needed - energy))
     found = match_spikes(residual, chosen, noise_levels, dict(params, matching_method="wobble"), job_kwargs,
                          method_kwargs=dict(parameters=dict(threshold=loosest)))
-    row = np.searchsorted(small, found["unit_index"])
-    fitted = found.size
+    row = np.searchsorted(competing, found["unit_index"])
     found = found[template_correlations(residual, chosen, found) >= (1 - SUBSAMPLE_LOSS) * needed[row]]
+    taken_by_big = int((~np.isin(found["unit_index"], small)).sum())
+    found = found[np.isin(found["unit_index"], small)]
+    fitted = found.size
     # wobble's amplitude is the trace on the spike's best channel, often outside the small template's
     # channels: a spike found here is taken at its template's scale
     found["amplitude"] = 1.0
@@ -434,9 +446,11 @@ def match_small_templates(recording, templates, spikes, noise_levels, params, jo
     added = found[~repeat & ~copied]
     if log is not None:
         log(f"small-template matching: wobble on the residual with the {small.size} templates under "
-            f"{SMALL_TEMPLATE_MAX_SNR:g} noise levels (bars <t, x> >= {np.round(needed / energy, 2).tolist()} |t|^2; "
+            f"{SMALL_TEMPLATE_MAX_SNR:g} noise levels, the {competing.size - small.size} others competing "
+            f"(bars <t, x> >= {np.round(small_needed / energy[is_small], 2).tolist()} |t|^2; "
             f"peaks over them on random chunks of the residual, away from found spikes, {over.tolist()}, of the "
             f"flipped templates {flipped.tolist()}) "
-            f"fitted {fitted} spikes, {found.size} over their bar, {int(repeat.sum())} repeats of their "
-            f"unit's and {int((copied & ~repeat).sum())} copies of another unit's dropped, {added.size} added")
+            f"{taken_by_big} spikes taken by the others, {fitted} by the small templates over their bar, "
+            f"{int(repeat.sum())} repeats of their unit's and {int((copied & ~repeat).sum())} copies of another "
+            f"unit's dropped, {added.size} added")
     return time_ordered(spikes, added), added.size

@@ -80,8 +80,9 @@ def has_full_window(recording, spikes, nbefore, nafter) -> np.ndarray:
     return (spikes["sample_index"] >= nbefore) & (spikes["sample_index"] < lengths[spikes["segment_index"]] - nafter)
 
 
-def unit_templates(recording, peaks, labels, num_units, noise_levels, params, job_kwargs):
-    """SpikeInterface ``Templates`` of accm's units from their assigned spikes, sparsified by SNR."""
+def unit_templates(recording, peaks, labels, num_units, noise_levels, params, job_kwargs, sparse=True):
+    """SpikeInterface ``Templates`` of accm's units from their assigned spikes, sparsified by SNR (unless not
+    ``sparse``)."""
     from spikeinterface.core import Templates
     from spikeinterface.core.basesorting import minimum_spike_dtype
     from spikeinterface.core.waveform_tools import estimate_templates_with_accumulator
@@ -104,6 +105,8 @@ def unit_templates(recording, peaks, labels, num_units, noise_levels, params, jo
                           channel_ids=recording.channel_ids, unit_ids=unit_ids,
                           probe=recording.get_probe() if len(recording.get_probes()) == 1 else None,
                           is_in_uV=False)
+    if not sparse:
+        return templates
     templates = templates.to_sparse(_snr_sparsity(templates, noise_levels, params["template_sparsity_threshold"]))
     return remove_empty_templates(templates)
 
@@ -296,6 +299,35 @@ def split_matched_units(recording, templates, spikes, channel_table, nbefore, na
     return split.to_sparse(_snr_sparsity(split, noise_levels, params["template_sparsity_threshold"])), num_new
 
 
+def drop_absorbed_templates(recording, templates, spikes, noise_levels, params, job_kwargs, min_spikes, protected=(),
+                            log=None):
+    """(``templates`` less those matching gave fewer than ``min_spikes`` spikes, ``spikes`` matched again without
+    them); unchanged when there are none.
+
+    A unit built from a cluster of a neuron's spikes can find almost none of them once matched: another unit's
+    template took them (low-snr seed 2002: two pieces of one neuron kept 8 spikes each, against 1,674 for the
+    neuron's own unit). Its template still competes at every spike, and where it takes part of one neuron's spike
+    the rest goes to a neighbour's template (at those 8 spikes two small neighbours each held a spike of that
+    neuron, whose own unit held none). Such a unit has fewer spikes than a cluster may have: its template goes, and
+    the recording is matched again. ``protected`` (curated) units stay.
+    """
+    ids = np.asarray(templates.unit_ids)
+    counts = np.array([int((spikes["unit_index"] == unit).sum()) for unit in ids])
+    absorbed = (counts < min_spikes) & ~np.isin(ids, protected)
+    if not absorbed.any():
+        return templates, spikes
+    kept = templates.select_units(ids[~absorbed])
+    if counts[absorbed].sum() == 0:  # nothing of theirs to give back
+        if log is not None:
+            log(f"absorbed templates: units {ids[absorbed].tolist()} matched no spike, removed")
+        return kept, spikes
+    spikes = match_spikes(recording, kept, noise_levels, params, job_kwargs)
+    if log is not None:
+        log(f"absorbed templates: units {ids[absorbed].tolist()} matched {counts[absorbed].tolist()} spikes (under "
+            f"{min_spikes}), removed; matching again: {spikes.size} spikes of {ids.size - int(absorbed.sum())} units")
+    return kept, spikes
+
+
 def match_hidden_spikes(recording, templates, spikes, noise_levels, params, job_kwargs, window):
     """``spikes`` and the spikes a matching pass over their residual finds, time-ordered.
 
@@ -407,15 +439,24 @@ def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, pr
     representative = np.arange(num_units)
     if num_units < 2:
         return representative
-    templates = unit_templates(recording, spikes, spikes["unit_index"], num_units, noise_levels, params, job_kwargs)
+    from spikeinterface.sortingcomponents.tools import remove_empty_templates
+
+    full = unit_templates(recording, spikes, spikes["unit_index"], num_units, noise_levels, params, job_kwargs,
+                          sparse=False)
+    templates = remove_empty_templates(
+        full.to_sparse(_snr_sparsity(full, noise_levels, params["template_sparsity_threshold"])))
     dense = np.zeros((num_units, templates.num_samples, recording.get_num_channels()), dtype="float32")
     dense[np.asarray(templates.unit_ids)] = templates.get_dense_templates()
+    # every channel, for comparing two units on the channels either of them reaches
+    unsparsified = np.zeros_like(dense)
+    unsparsified[np.asarray(full.unit_ids)] = full.get_dense_templates()
     samples, total_samples = global_sample_index(spikes, recording)
     joined, report = merge_duplicate_units(spikes["unit_index"], np.transpose(dense, (0, 2, 1)), samples,
                                            total_samples, recording.sampling_frequency,
                                            params["duplicate_min_similarity"], protected=protected,
                                            join_drift_splits=params["join_drift_splits"], positions=positions,
                                            noise_levels=noise_levels,
+                                           unsparsified=np.transpose(unsparsified, (0, 2, 1)),
                                            core=lambda: core_spikes(recording, templates, spikes), log=log)
     for group in np.unique(joined):
         members = np.unique(spikes["unit_index"][joined == group])

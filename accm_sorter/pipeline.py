@@ -547,6 +547,11 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             spikes = match_spikes(preprocessed, matching_templates, noise_levels, params, job_kwargs)
             log(f"template matching with {num_rescaled} templates rescaled to their spikes' median amplitude: "
                 f"{spikes.size} spikes of {len(matching_templates.unit_ids)} units")
+        from .matching import drop_absorbed_templates
+
+        matching_templates, spikes = drop_absorbed_templates(
+            preprocessed, matching_templates, spikes, noise_levels, params, job_kwargs, params["min_cluster_size"],
+            protected=np.flatnonzero(to_final < num_curated), log=log)
         if params["hidden_spike_passes"]:
             timer.start("matching")
             from .matching import match_hidden_spikes

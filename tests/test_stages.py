@@ -474,6 +474,42 @@ def test_pieces_of_a_small_neuron_within_a_noise_level_are_joined_but_distinct_a
     assert np.unique(kept).size == 2
 
 
+def test_pieces_of_a_faint_neuron_cut_to_different_channels_are_compared_on_the_channels_either_reaches():
+    """A neuron 2-2.5 noise levels tall between two channels comes out as two units, each sparsified to the channels
+    where its own mean passes the noise (low-snr seed 2003: cosine 0.52 on those, 0.87 on all the channels either
+    reaches). Compared on the channels either reaches, with trains that prove one neuron, they are joined; two
+    neurons there are not, however alike, when their trains collide."""
+    from accm_sorter.split import merge_duplicate_units
+
+    rng = np.random.default_rng(5)
+    wave = np.sin(np.linspace(0, 3, 40))
+    # one neuron on channels 0-3, biggest between channels 1 and 2; each piece's mean is noisy
+    footprint = np.array([0.6, 1.0, 0.9, 0.5])[:, None] * 2.3 * wave[None, :]
+    unsparsified = np.stack([footprint + 0.15 * rng.standard_normal(footprint.shape) for _ in range(2)])
+    unsparsified[0, 1] *= 1.15  # the first piece was detected where channel 1 ran high, the second channel 2
+    unsparsified[1, 2] *= 1.15
+    sparse = unsparsified.copy()
+    sparse[0, [2, 3]] = 0.0  # each piece kept only the channels its own mean passed
+    sparse[1, [0, 1]] = 0.0
+    sparse, unsparsified = sparse.astype("float32"), unsparsified.astype("float32")
+    total = 30000 * 60
+    neuron = np.cumsum(60 + rng.exponential(total / 800 - 60, 800)).astype("int64")
+    one = np.concatenate([neuron[0::2], neuron[1::2]])  # the pieces never fire within 2 ms of each other
+    two = np.concatenate([neuron[0::2], np.sort(rng.choice(total, 400, replace=False))])  # they do
+    labels = np.repeat([0, 1], 400)
+    noise_levels = np.ones(4, dtype="float32")
+
+    apart, _ = merge_duplicate_units(labels, sparse, one, total, 30000.0, 0.97, noise_levels=noise_levels)
+    assert np.unique(apart).size == 2  # on their own channels they do not look alike
+    joined, report = merge_duplicate_units(labels, sparse, one, total, 30000.0, 0.97, noise_levels=noise_levels,
+                                           unsparsified=unsparsified)
+    assert np.unique(joined).size == 1, report
+    assert report[0]["template_cosine"] >= 0.85
+    kept, _ = merge_duplicate_units(labels, sparse, two, total, 30000.0, 0.97, noise_levels=noise_levels,
+                                    unsparsified=unsparsified)
+    assert np.unique(kept).size == 2
+
+
 def test_units_that_take_turns_firing_are_joined_as_one_drifting_neuron():
     """A neuron at the far end of its drift comes out smaller and a little different (cosine ~0.8, 70 %
     amplitude) and fires only while its main unit is silent: joined. A neuron with the same waveforms
@@ -947,36 +983,48 @@ def one_small_unit(short_gt, peak, duration, num_spikes):
     return simulated, truth, samples, estimate_noise_levels(simulated, 0, MATCHING_JOB_KWARGS), rng
 
 
-def test_small_templates_find_their_missed_spikes_on_the_residual_but_not_a_big_units_remnants(short_gt):
-    """A small unit (3 noise levels) holds only the 30 % of its spikes that residual detection found; a big
-    unit's subtraction leaves a remnant of its shape at every one of its spikes. Wobble with the small
-    template on the residual finds the small unit's other spikes; the remnants it also fits are copies."""
+def big_and_small_unit(recording, level, shapes, rng, noise_seed, duration=20.0):
+    """(recording, truth sorting, its samples, unit of each, noise levels, templates): ``shapes`` (peak-1 shapes times their
+    size in noise levels) firing 500 times between them at least 10 ms apart in white noise of ``level``."""
     from spikeinterface.core import NumpySorting
     from spikeinterface.core.generate import InjectTemplatesRecording
     from spikeinterface.generation import NoiseGeneratorRecording
 
     from accm_sorter.detect import estimate_noise_levels
+    from accm_sorter.matching import unit_templates
+
+    fs = recording.sampling_frequency
+    grid = np.arange(200, int(duration * fs) - 200, 300)
+    samples = np.sort(rng.choice(grid, 500, replace=False))
+    units = rng.integers(0, len(shapes), samples.size)
+    truth = NumpySorting.from_samples_and_labels([samples], [units], fs)
+    noise_only = NoiseGeneratorRecording(num_channels=recording.get_num_channels(), sampling_frequency=fs,
+                                         durations=[duration], noise_levels=level, dtype="float32", seed=noise_seed)
+    noise_only.set_probe(recording.get_probe())
+    simulated = InjectTemplatesRecording(truth, (np.stack(shapes) * level).astype("float32"), nbefore=20,
+                                         parent_recording=noise_only)
+    noise = estimate_noise_levels(simulated, 0, MATCHING_JOB_KWARGS)
+    templates = unit_templates(simulated, truth.to_spike_vector(), units, len(shapes), noise, validate_params({}),
+                               MATCHING_JOB_KWARGS)
+    return simulated, truth, samples, units, noise, templates
+
+
+def test_small_templates_find_their_missed_spikes_on_the_residual_but_not_a_big_units_remnants(short_gt):
+    """A small unit (3 noise levels) holds only the 30 % of its spikes that residual detection found; a big
+    unit's subtraction leaves a remnant of its shape at every one of its spikes. Wobble with the small
+    template on the residual finds the small unit's other spikes; the remnants it also fits are copies."""
     from accm_sorter.discover import match_small_templates
-    from accm_sorter.matching import spike_dtype, unit_templates
+    from accm_sorter.matching import spike_dtype
     from accm_sorter.sorting_tools import distance_to_nearest
 
     recording, level, shape = unit_shape_of(short_gt)
-    shape = shape * level
     params = validate_params({})
     job_kwargs = MATCHING_JOB_KWARGS
-    fs, duration = recording.sampling_frequency, 20.0
+    fs = recording.sampling_frequency
     rng = np.random.default_rng(0)
-    grid = np.arange(200, int(duration * fs) - 200, 300)
-    samples = np.sort(rng.choice(grid, 500, replace=False))
-    units = rng.integers(0, 2, samples.size)  # unit 0: 10 noise levels, unit 1: the same shape at 3
-    truth = NumpySorting.from_samples_and_labels([samples], [units], fs)
-    noise_only = NoiseGeneratorRecording(num_channels=recording.get_num_channels(), sampling_frequency=fs,
-                                         durations=[duration], noise_levels=level, dtype="float32", seed=1)
-    noise_only.set_probe(recording.get_probe())
-    simulated = InjectTemplatesRecording(truth, np.stack([10 * shape, 3 * shape]).astype("float32"),
-                                         nbefore=20, parent_recording=noise_only)
-    simulated_noise = estimate_noise_levels(simulated, 0, job_kwargs)
-    templates = unit_templates(simulated, truth.to_spike_vector(), units, 2, simulated_noise, params, job_kwargs)
+    # unit 0: 10 noise levels, unit 1: the same shape at 3
+    simulated, truth, samples, units, simulated_noise, templates = big_and_small_unit(
+        recording, level, [10 * shape, 3 * shape], rng, 1)
     # what matching and residual detection left: unit 0 fitted at 0.7 (a remnant of 3 noise levels at
     # each of its spikes), 30 % of unit 1's spikes
     shown = (units == 0) | (rng.random(units.size) < 0.3)
@@ -998,6 +1046,83 @@ def test_small_templates_find_their_missed_spikes_on_the_residual_but_not_a_big_
     assert after.loc[1, "precision"] >= 0.98, after  # no remnant of unit 0 kept as unit 1's spike
     assert np.array_equal(both[both["unit_index"] == 0], spikes[spikes["unit_index"] == 0])  # 10 levels: not matched
     assert num_added == both.size - spikes.size and np.all(np.diff(both["sample_index"]) >= 0)
+
+
+def test_a_big_units_missed_spikes_on_the_residual_go_to_its_own_template_not_to_a_small_one(short_gt):
+    """Matching misses some of a big unit's spikes (10 noise levels), and the residual holds them whole. A small
+    template (3 noise levels, a different shape on the same channels) fits them far over its bar: matched alone on
+    the residual it would take them (nothing else claims those times, so they are no copies). With every template
+    competing, the big unit's own takes them and only the small unit's spikes are added."""
+    from accm_sorter.discover import match_small_templates
+    from accm_sorter.matching import spike_dtype
+    from accm_sorter.sorting_tools import distance_to_nearest
+
+    recording, level, shape = unit_shape_of(short_gt)
+    # the small neuron: the big one's shape shifted 3 samples later and narrower on its channels
+    other = np.roll(shape, 3, axis=0) * np.linspace(1.2, 0.6, shape.shape[1])[None, :]
+    params = validate_params({})
+    job_kwargs = MATCHING_JOB_KWARGS
+    rng = np.random.default_rng(2)
+    simulated, _, samples, units, simulated_noise, templates = big_and_small_unit(
+        recording, level, [10 * shape, 3 * other], rng, 3)
+    # matching found 80 % of the big unit's spikes (fitted exactly), residual detection 30 % of the small one's
+    shown = np.where(units == 0, rng.random(units.size) < 0.8, rng.random(units.size) < 0.3)
+    spikes = np.zeros(int(shown.sum()), dtype=spike_dtype)
+    spikes["sample_index"], spikes["unit_index"], spikes["amplitude"] = samples[shown], units[shown], 1.0
+
+    both, _ = match_small_templates(simulated, templates, spikes, simulated_noise, params, job_kwargs, window=24)
+    added = both[both["unit_index"] == 1]
+    missed_big = samples[(units == 0) & ~shown]
+    on_missed_big = distance_to_nearest(missed_big, np.sort(added["sample_index"])) <= 12
+    recall_small = np.mean(distance_to_nearest(np.sort(added["sample_index"]), samples[units == 1]) <= 12)
+    assert recall_small >= 0.95
+    assert on_missed_big.sum() <= 0.05 * missed_big.size, (on_missed_big.sum(), missed_big.size)
+    assert np.array_equal(both[both["unit_index"] == 0], spikes[spikes["unit_index"] == 0])  # its own are not added
+
+
+def test_a_template_that_matching_gave_almost_no_spikes_is_removed_and_the_recording_matched_again(short_gt):
+    """A unit whose template matching gives fewer spikes than a cluster may have (another unit's template took
+    its neuron's) is removed before the later passes, and matching runs again without it: its few spikes go to
+    the neuron's own unit. Units with enough spikes are left as they are, and nothing is matched again."""
+    from spikeinterface.core import NumpySorting
+    from spikeinterface.core.generate import InjectTemplatesRecording
+    from spikeinterface.generation import NoiseGeneratorRecording
+
+    from accm_sorter.detect import estimate_noise_levels
+    from accm_sorter.matching import MATCH_MS_BEFORE, drop_absorbed_templates, spike_dtype, unit_templates
+    from accm_sorter.sorting_tools import distance_to_nearest
+
+    recording, level, shape = unit_shape_of(short_gt)
+    shape = shape * level
+    params = validate_params({})
+    job_kwargs = MATCHING_JOB_KWARGS
+    fs, duration = recording.sampling_frequency, 20.0
+    rng = np.random.default_rng(4)
+    samples = np.sort(rng.choice(np.arange(200, int(duration * fs) - 200, 300), 300, replace=False))
+    truth = NumpySorting.from_samples_and_labels([samples], [np.zeros(samples.size, dtype="int64")], fs)
+    noise_only = NoiseGeneratorRecording(num_channels=recording.get_num_channels(), sampling_frequency=fs,
+                                         durations=[duration], noise_levels=level, dtype="float32", seed=5)
+    noise_only.set_probe(recording.get_probe())
+    # at the templates' own alignment: tdc-peeler's detector asks its prototype to peak at nbefore
+    simulated = InjectTemplatesRecording(truth, (8 * shape)[None].astype("float32"),
+                                         nbefore=int(round(MATCH_MS_BEFORE * fs / 1000)), parent_recording=noise_only)
+    noise_levels = estimate_noise_levels(simulated, 0, job_kwargs)
+    # unit 1: a cluster of 40 of the neuron's spikes that matching left with 3 (unit 0 took the others)
+    labels = np.where(np.arange(samples.size) < 40, 1, 0)
+    templates = unit_templates(simulated, truth.to_spike_vector(), labels, 2, noise_levels, params, job_kwargs)
+    spikes = np.zeros(samples.size, dtype=spike_dtype)
+    spikes["sample_index"], spikes["amplitude"] = samples, 1.0
+    spikes["unit_index"] = np.where(np.arange(samples.size) < 3, 1, 0)
+
+    kept, matched = drop_absorbed_templates(simulated, templates, spikes, noise_levels, params, job_kwargs,
+                                            min_spikes=params["min_cluster_size"])
+    assert list(kept.unit_ids) == [0]
+    assert (matched["unit_index"] == 0).all()
+    found = distance_to_nearest(np.sort(matched["sample_index"]), samples) <= 3
+    assert found.mean() >= 0.98 and matched.size >= 0.98 * samples.size
+    same_templates, same_spikes = drop_absorbed_templates(simulated, templates, spikes, noise_levels, params,
+                                                          job_kwargs, min_spikes=3)
+    assert same_templates is templates and same_spikes is spikes
 
 
 def test_small_templates_keep_their_faint_spikes_but_a_template_lost_in_noise_finds_none(short_gt):
