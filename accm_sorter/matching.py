@@ -37,6 +37,12 @@ MATCHED_SPLIT_MIN_PART_SIMILARITY = 0.8
 # of 27-78 spikes, too few to tell, were as often pieces of one neuron as another's spikes. The two
 # neurons of dense-overlap seed 2002 have parts 0.92 and 0.98 alike to their unit and overlap 0.90.
 MATCHED_SPLIT_MIN_RATE_OVERLAP = 0.5
+# Two faint neurons at one place (low-snr seed 2003: GT 2 and GT 9, 2.0 and 2.2 noise levels, one unit of 513 + 1,064
+# of their spikes) differ by about 2 standard deviations per spike along the first principal component: their 2 : 1
+# mixture shows isosplit no dip. A unit isosplit keeps whole is cut once more in two by k-means on this many
+# components, and the cut is kept only on the trains' evidence: the two parts collide in the refractory period
+# more than a neuron's pieces may (the join's limit, with enough spikes for the test), besides split_verdict
+FORCED_SPLIT_PCA_COMPONENTS = 4
 
 # Two units' spikes at one event (within this many ms) are one spike matched twice ...
 COPY_MAX_LAG_MS = 0.1
@@ -238,6 +244,49 @@ def split_verdict(waveforms, parts, samples, total_samples, sampling_frequency) 
                 rate_overlap=round(float(min(overlaps)), 2) if min(overlaps) >= 0 else "too few spikes")
 
 
+def forced_splits(waveforms, rows, parts, samples, total_samples, sampling_frequency, exclude, min_cluster_size,
+                  max_similarity, seed, num_templates) -> list:
+    """Report entries (as ``split_matched_units``'s) of the units cut in two by k-means, ``parts`` updated in place
+    where a cut is kept: two parts of at least ``min_cluster_size`` spikes whose mean waveforms have cosine under
+    ``max_similarity``, that collide in the refractory period more than one neuron's pieces may (an informative
+    test over ``MAX_MERGE_REFRACTORY_RATIO``), and that :func:`split_verdict` keeps. ``exclude``: template rows
+    not tried (those isosplit already cut, and protected units); new parts are numbered from ``num_templates`` on,
+    after those ``parts`` already holds."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    from .pairwise import (MAX_MERGE_REFRACTORY_RATIO, UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio,
+                           template_similarity)
+    from .split import MAX_LAG_SAMPLES
+
+    entries = []
+    for row in np.setdiff1d(np.unique(rows), exclude):
+        mine = np.flatnonzero(rows == row)
+        if mine.size < 4 * min_cluster_size:
+            continue
+        flat = waveforms[mine].reshape(mine.size, -1)
+        features = PCA(FORCED_SPLIT_PCA_COMPONENTS, random_state=seed).fit_transform(flat)
+        cut = KMeans(2, n_init=5, random_state=seed).fit_predict(features)
+        sizes = np.bincount(cut, minlength=2)
+        if sizes.min() < min_cluster_size:
+            continue
+        cosine = template_similarity(waveforms[mine[cut == 0]].mean(axis=0), waveforms[mine[cut == 1]].mean(axis=0),
+                                     MAX_LAG_SAMPLES)[0]
+        ratio = refractory_ratio(np.sort(samples[mine[cut == 0]]), np.sort(samples[mine[cut == 1]]), total_samples,
+                                 sampling_frequency)
+        if cosine >= max_similarity or ratio <= MAX_MERGE_REFRACTORY_RATIO or ratio == UNINFORMATIVE_REFRACTORY_RATIO:
+            continue
+        trial = np.where(cut == 1, max(int(parts.max()) + 1, num_templates), row)
+        verdict = split_verdict(waveforms[mine], trial, samples[mine], total_samples, sampling_frequency)
+        entry = dict(unit=int(row), depth=1, parts=2, min_similarity=round(float(cosine), 3), sizes=sizes.tolist(),
+                     forced=True, refractory_ratio=round(float(ratio), 2))
+        entry.update(verdict)
+        if verdict["kept"]:
+            parts[mine] = trial
+        entries.append(entry)
+    return entries
+
+
 def split_matched_units(recording, templates, spikes, channel_table, nbefore, nafter, noise_levels, params,
                         job_kwargs, first_unit_id, protected=(), log=None):
     """(``templates`` with each unit that holds two neurons split, the number of units added).
@@ -249,8 +298,10 @@ def split_matched_units(recording, templates, spikes, channel_table, nbefore, na
     them) are cut on the unit's local channels (``channel_table`` row of its template's biggest
     channel) and split as :func:`split.split_mixed_units` splits clusters, one level deep, with
     isosplit on ``MATCHED_SPLIT_PCA_COMPONENTS`` components; :func:`split_verdict` keeps the splits
-    that are two neurons. A split unit's template is replaced by its first part's, the other parts
-    are new units numbered from ``first_unit_id``. ``protected`` unit ids (a curator's) are not split.
+    that are two neurons. A unit isosplit keeps whole is cut in two by k-means (:func:`forced_splits`), kept only
+    where the two parts' trains collide as two neurons' do. A split unit's template is replaced by its first
+    part's, the other parts are new units numbered from ``first_unit_id``. ``protected`` unit ids (a curator's) are
+    not split.
     """
     from spikeinterface.core import Templates
 
@@ -276,9 +327,17 @@ def split_matched_units(recording, templates, spikes, channel_table, nbefore, na
             kept.append(entry)
         else:
             parts[mine] = entry["unit"]
+    forced = forced_splits(waveforms, rows, parts, samples, total_samples, recording.sampling_frequency,
+                           exclude=np.concatenate([[entry["unit"] for entry in report],
+                                                   np.flatnonzero(np.isin(ids, protected))]).astype("int64"),
+                           min_cluster_size=params["min_cluster_size"], max_similarity=params["split_max_similarity"],
+                           seed=params["seed"], num_templates=ids.size)
+    report.extend(forced)
+    kept.extend(entry for entry in forced if entry["kept"])
     if log is not None:
         for entry in report:
-            log(f"matched spikes of unit {ids[entry['unit']]}: {entry['parts']} parts of {entry['sizes']} sampled "
+            how = f" (k-means, refractory ratio {entry['refractory_ratio']})" if entry.get("forced") else ""
+            log(f"matched spikes of unit {ids[entry['unit']]}: {entry['parts']} parts{how} of {entry['sizes']} sampled "
                 f"spikes, waveform cosine {entry['min_similarity']}, parts to the unit {entry['part_similarity']}, "
                 f"rate overlap {entry['rate_overlap']}: {'split' if entry['kept'] else 'kept whole'}")
     if not kept:

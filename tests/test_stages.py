@@ -604,6 +604,42 @@ def test_units_that_fire_at_different_probe_positions_are_joined_as_one_neuron()
     assert np.unique(kept).size == 2
 
 
+def test_two_faint_neurons_with_no_dip_between_them_are_cut_by_kmeans_only_when_their_trains_collide():
+    """Two faint neurons at one place, mixed 2 : 1 and about 2 noise standard deviations apart per spike, show
+    isosplit no dip; k-means cuts them, and the cut is kept because the parts collide in the refractory period as
+    two independent neurons do. One neuron cut the same way is kept whole: its halves never collide."""
+    from accm_sorter.matching import forced_splits
+
+    rng = np.random.default_rng(7)
+    total, fs = 30000 * 120, 30000.0
+    wave = np.sin(np.linspace(0, 3 * np.pi, 40))
+    first = np.array([1.0, 0.9, 0.5, 0.3])[:, None] * 2.2 * wave[None, :]
+    second = np.array([0.5, 1.0, 0.9, 0.6])[:, None] * 2.0 * np.roll(wave, 2)[None, :]
+    assert 0.6 < np.sum(first * second) / np.sqrt(np.sum(first ** 2) * np.sum(second ** 2)) < 0.9
+
+    def train(count):  # a neuron with a 2-ms refractory period
+        return np.cumsum(60 + rng.exponential(total / count - 60, count)).astype("int64")
+
+    counts = (1000, 500)
+    waveforms = np.concatenate([shape + rng.standard_normal((n, 4, 40)) for shape, n in zip((first, second), counts)])
+    mixture = np.concatenate([train(n) for n in counts])
+    one_neuron = train(sum(counts))
+    truth = np.repeat([0, 1], counts)
+    for samples, two in ((mixture, True), (one_neuron[rng.permutation(one_neuron.size)], False)):
+        parts = np.zeros(truth.size, dtype="int64")
+        entries = forced_splits(waveforms.astype("float32"), np.zeros(truth.size, dtype="int64"), parts, samples,
+                                total, fs, exclude=np.zeros(0, dtype="int64"), min_cluster_size=20,
+                                max_similarity=0.9, seed=0, num_templates=1)
+        if two:
+            assert len(entries) == 1 and entries[0]["kept"], entries
+            # each part is mostly one neuron
+            purity = max(np.mean(parts[truth == 0] == 0) + np.mean(parts[truth == 1] == 1),
+                         np.mean(parts[truth == 0] == 1) + np.mean(parts[truth == 1] == 0)) / 2
+            assert purity >= 0.85, purity
+        else:
+            assert not any(entry["kept"] for entry in entries) and (parts == 0).all(), entries
+
+
 def test_parts_of_a_split_are_split_again_up_to_max_depth():
     """Three neurons in one unit: HDBSCAN on the first PCA separates the odd one out, only a second look splits
     the rest; isosplit, which tests every pair of k-means parts for a dip, separates all three at once."""
