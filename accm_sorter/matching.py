@@ -92,7 +92,6 @@ def unit_templates(recording, peaks, labels, num_units, noise_levels, params, jo
     from spikeinterface.core import Templates
     from spikeinterface.core.basesorting import minimum_spike_dtype
     from spikeinterface.core.waveform_tools import estimate_templates_with_accumulator
-    from spikeinterface.sortingcomponents.tools import remove_empty_templates
 
     fs = recording.sampling_frequency
     nbefore = int(round(MATCH_MS_BEFORE * fs / 1000))
@@ -111,10 +110,15 @@ def unit_templates(recording, peaks, labels, num_units, noise_levels, params, jo
                           channel_ids=recording.channel_ids, unit_ids=unit_ids,
                           probe=recording.get_probe() if len(recording.get_probes()) == 1 else None,
                           is_in_uV=False)
-    if not sparse:
-        return templates
-    templates = templates.to_sparse(_snr_sparsity(templates, noise_levels, params["template_sparsity_threshold"]))
-    return remove_empty_templates(templates)
+    return sparsified(templates, noise_levels, params) if sparse else templates
+
+
+def sparsified(templates, noise_levels, params):
+    """``templates`` sparsified by SNR, those left empty removed."""
+    from spikeinterface.sortingcomponents.tools import remove_empty_templates
+
+    return remove_empty_templates(
+        templates.to_sparse(_snr_sparsity(templates, noise_levels, params["template_sparsity_threshold"])))
 
 
 def rescale_templates(templates, spikes):
@@ -498,12 +502,9 @@ def join_duplicate_units(recording, spikes, noise_levels, params, job_kwargs, pr
     representative = np.arange(num_units)
     if num_units < 2:
         return representative
-    from spikeinterface.sortingcomponents.tools import remove_empty_templates
-
     full = unit_templates(recording, spikes, spikes["unit_index"], num_units, noise_levels, params, job_kwargs,
                           sparse=False)
-    templates = remove_empty_templates(
-        full.to_sparse(_snr_sparsity(full, noise_levels, params["template_sparsity_threshold"])))
+    templates = sparsified(full, noise_levels, params)
     dense = np.zeros((num_units, templates.num_samples, recording.get_num_channels()), dtype="float32")
     dense[np.asarray(templates.unit_ids)] = templates.get_dense_templates()
     # every channel, for comparing two units on the channels either of them reaches

@@ -281,7 +281,7 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
                 reached = (np.abs(templates[a]).max(axis=1) > 0) | (np.abs(templates[b]).max(axis=1) > 0)
                 shared = max(cosine, template_similarity(unsparsified[a][reached], unsparsified[b][reached],
                                                          MAX_LAG_SAMPLES)[0])
-            if max(cosine, shared) >= lowest_similarity:
+            if shared >= lowest_similarity:
                 candidates.append((shared, cosine, a, b, amplitude_ratio))
     group = np.arange(num_units)
     report = []
