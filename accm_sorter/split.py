@@ -46,6 +46,17 @@ DRIFT_SPLIT_MAX_RATE_OVERLAP = 0.35
 # firing over time overlapped 0.54-0.57. Where a motion estimate exists, units this alike are joined
 # when their position profiles barely overlap; see docs/method.md for the distinct pairs' figures.
 POSITION_SPLIT_MIN_SIMILARITY = 0.5
+# A neuron beyond the probe's end (drift seed 2004: GT 13, 6 um past the last channel row) moves further off it at one
+# end of its travel, and there its corrected spikes are smaller: motion correction moves a waveform, it cannot bring
+# back what no channel recorded (GT 13: a pure piece of 123 spikes at peak 0.42 of the other's, cosine 0.72, firing only
+# at displacements 8.6-17.7 um while the other fired at -19.6-7.3 um). Pieces that fire at different probe positions
+# are joined down to this amplitude ratio where one fires on one side of the other's positions (POSITION_SIDE_QUANTILE);
+# pieces smeared at interleaved positions keep DRIFT_SPLIT_AMPLITUDE_RATIO, as does the rate rule. On drift seed 2003 a
+# piece of GT 11 (amplitude ratio under 0.6, position overlap 0.26 with a piece of GT 12) was joined to it without the
+# side test.
+POSITION_SPLIT_AMPLITUDE_RATIO = 0.4
+# ... all but this share of the smaller-amplitude pair's spikes on either side of all but this share of the other's
+POSITION_SIDE_QUANTILE = 0.05
 # Another neuron's spikes in a unit collide with a second piece of the unit's neuron as often as chance. Two units
 # whose refractory ratio fails the join's limit are still one neuron when their core spikes (those most like their
 # template, ``matching.core_spikes``) collide at most this often: once contamination is left out, one neuron's
@@ -216,6 +227,14 @@ def profile_overlap(values_a, values_b, low, high) -> float | None:
     return float(np.minimum(counts_a / counts_a.sum(), counts_b / counts_b.sum()).sum())
 
 
+def on_one_side(values_a, values_b, quantile=POSITION_SIDE_QUANTILE) -> bool:
+    """True where all but ``quantile`` of one unit's values (probe positions) lie beyond all but ``quantile`` of the
+    other's: a neuron seen smaller at one end of its travel, not pieces that take turns across it."""
+    low_a, high_a = np.quantile(values_a, [quantile, 1 - quantile])
+    low_b, high_b = np.quantile(values_b, [quantile, 1 - quantile])
+    return bool(high_a <= low_b or high_b <= low_a)
+
+
 def rate_profile_overlap(train_a, train_b, total_samples) -> float | None:
     """Shared fraction of two units' firing over time (``profile_overlap`` of their spike times)."""
     return profile_overlap(train_a, train_b, 0, total_samples)
@@ -264,6 +283,7 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
         # a motion estimate of 0 all along (no drift) gives no positions to tell pieces apart
         if positions is not None and positions.size and np.ptp(positions) > 0:
             lowest_similarity = min(lowest_similarity, POSITION_SPLIT_MIN_SIMILARITY)
+            lowest_amplitude_ratio = min(lowest_amplitude_ratio, POSITION_SPLIT_AMPLITUDE_RATIO)
             position_range = (float(positions.min()), float(positions.max()))
         else:
             positions = None
@@ -310,9 +330,10 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
             shared >= TRAIN_CONFIRMED_MIN_SIMILARITY and ratio != UNINFORMATIVE_REFRACTORY_RATIO))
         turns = {}
         if not duplicate and join_drift_splits:
-            if cosine >= DRIFT_SPLIT_MIN_SIMILARITY:
+            if cosine >= DRIFT_SPLIT_MIN_SIMILARITY and amplitude_ratio >= DRIFT_SPLIT_AMPLITUDE_RATIO:
                 turns["rate_overlap"] = rate_profile_overlap(train_a, train_b, total_samples)
-            if positions is not None and cosine >= POSITION_SPLIT_MIN_SIMILARITY:
+            if positions is not None and cosine >= POSITION_SPLIT_MIN_SIMILARITY and (
+                    amplitude_ratio >= DRIFT_SPLIT_AMPLITUDE_RATIO or on_one_side(positions[in_a], positions[in_b])):
                 turns["position_overlap"] = profile_overlap(positions[in_a], positions[in_b], *position_range)
             turns = {name: round(value, 3) for name, value in turns.items()
                      if value is not None and value <= DRIFT_SPLIT_MAX_RATE_OVERLAP}

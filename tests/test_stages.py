@@ -558,6 +558,17 @@ def test_probe_displacement_reads_the_motion_at_each_spikes_time_and_depth():
     assert probe_displacement(recording, None, samples, np.zeros(2, dtype="int64"), np.zeros(2)) is None
 
 
+def zigzag_displacement(samples):
+    """Probe displacement (um) at each sample of a +-20 um zigzag with a 60 s period, at 30 kHz."""
+    return 20 * (2 * np.abs((samples / (30000 * 60.0)) % 1 - 0.5) * 2 - 1)
+
+
+def refractory_train(rng, total_samples, num_spikes):
+    """A Poisson-like spike train of about ``num_spikes`` with a 2 ms refractory period, at 30 kHz."""
+    train = np.cumsum(60 + rng.exponential(total_samples / num_spikes - 60, num_spikes)).astype("int64")
+    return train[train < total_samples]
+
+
 def test_units_that_fire_at_different_probe_positions_are_joined_as_one_neuron():
     """Motion correction smears a sharply localised neuron at some probe displacements: that piece
     looks only 0.65 alike and fires at its own positions, interleaved in time. Joined when the
@@ -576,9 +587,8 @@ def test_units_that_fire_at_different_probe_positions_are_joined_as_one_neuron()
     assert POSITION_SPLIT_MIN_SIMILARITY <= cosine < DRIFT_SPLIT_MIN_SIMILARITY
     templates = np.stack([shape, smeared]).astype("float32")
     total = 30000 * 120
-    displacement_of = lambda samples: 20 * (2 * np.abs((samples / (30000 * 60.0)) % 1 - 0.5) * 2 - 1)  # zigzag
-    neuron = np.cumsum(60 + rng.exponential(total / 1500 - 60, 1500)).astype("int64")
-    neuron = neuron[neuron < total]
+    displacement_of = zigzag_displacement
+    neuron = refractory_train(rng, total, 1500)
     positions = displacement_of(neuron)
     smeared_here = ((positions + 20) % 10) < 3  # 3 um of every 10 um of travel, like half-pitch positions
     samples = np.concatenate([neuron[~smeared_here], neuron[smeared_here]])
@@ -596,6 +606,52 @@ def test_units_that_fire_at_different_probe_positions_are_joined_as_one_neuron()
     assert np.unique(still).size == 2
     neighbour = np.sort(rng.choice(total, smeared_here.sum(), replace=False))
     first = np.sort(neuron[~smeared_here])
+    neighbour = neighbour[distance_to_nearest(first, neighbour) > 60]  # never in the first unit's refractory period
+    samples = np.concatenate([first, neighbour])
+    labels = np.repeat([0, 1], [first.size, neighbour.size])
+    kept, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True,
+                                    positions=displacement_of(samples))
+    assert np.unique(kept).size == 2
+
+
+def test_a_neuron_past_the_probes_end_is_joined_with_its_smaller_piece_from_the_far_end_of_its_travel():
+    """A neuron beyond the last channel row moves further off the probe at one end of its travel, and its corrected
+    spikes there are less than half its size: a second unit (peak 0.45 of the first) that fires only at those
+    positions. Joined on the position profile; the rate rule alone keeps its amplitude bar, and so do pieces that
+    small at interleaved positions, and a neighbour of that size firing at every position is kept."""
+    from accm_sorter.sorting_tools import distance_to_nearest
+    from accm_sorter.split import (DRIFT_SPLIT_AMPLITUDE_RATIO, POSITION_SPLIT_AMPLITUDE_RATIO, merge_duplicate_units,
+                                   profile_overlap)
+
+    rng = np.random.default_rng(4)
+    time = np.linspace(0, 3, 40)
+    shape = np.sin(time)[None, :] * np.array([[5.0], [3.0], [1.0], [0.0]])
+    farther = 0.45 * np.sin(time)[None, :] * np.array([[5.0], [2.5], [0.5], [0.0]])
+    ratio = np.abs(farther).max() / np.abs(shape).max()
+    assert POSITION_SPLIT_AMPLITUDE_RATIO <= ratio < DRIFT_SPLIT_AMPLITUDE_RATIO
+    templates = np.stack([shape, farther]).astype("float32")
+    total = 30000 * 120
+    displacement_of = zigzag_displacement
+    neuron = refractory_train(rng, total, 1500)
+    far_end = displacement_of(neuron) > 8.0
+    samples = np.concatenate([neuron[~far_end], neuron[far_end]])
+    labels = np.repeat([0, 1], [(~far_end).sum(), far_end.sum()])
+    assert profile_overlap(displacement_of(neuron[~far_end]), displacement_of(neuron[far_end]), -20, 20) < 0.35
+    joined, report = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True,
+                                           positions=displacement_of(samples))
+    assert np.unique(joined).size == 1 and report[0]["position_overlap"] < 0.35 and "rate_overlap" not in report[0]
+    without, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True)
+    assert np.unique(without).size == 2  # the rate rule: two sizes this far apart are two neurons
+    # a piece that small at interleaved positions (every 10 um of travel) is not a neuron moving off the probe
+    interleaved = ((displacement_of(neuron) + 20) % 10) < 3
+    samples = np.concatenate([neuron[~interleaved], neuron[interleaved]])
+    labels = np.repeat([0, 1], [(~interleaved).sum(), interleaved.sum()])
+    assert profile_overlap(displacement_of(neuron[~interleaved]), displacement_of(neuron[interleaved]), -20, 20) < 0.35
+    apart, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True,
+                                     positions=displacement_of(samples))
+    assert np.unique(apart).size == 2
+    first = np.sort(neuron[~far_end])
+    neighbour = np.sort(rng.choice(total, far_end.sum(), replace=False))
     neighbour = neighbour[distance_to_nearest(first, neighbour) > 60]  # never in the first unit's refractory period
     samples = np.concatenate([first, neighbour])
     labels = np.repeat([0, 1], [first.size, neighbour.size])
