@@ -55,7 +55,7 @@ POSITION_SPLIT_MIN_SIMILARITY = 0.5
 # piece of GT 11 (amplitude ratio under 0.6, position overlap 0.26 with a piece of GT 12) was joined to it without the
 # side test.
 POSITION_SPLIT_AMPLITUDE_RATIO = 0.4
-# ... all but this share of the smaller-amplitude pair's spikes on either side of all but this share of the other's
+# ... that is, all but this share of one piece's positions lie beyond all but this share of the other's (on_one_side)
 POSITION_SIDE_QUANTILE = 0.05
 # Another neuron's spikes in a unit collide with a second piece of the unit's neuron as often as chance. Two units
 # whose refractory ratio fails the join's limit are still one neuron when their core spikes (those most like their
@@ -257,11 +257,13 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
     (``rate_profile_overlap`` at most ``DRIFT_SPLIT_MAX_RATE_OVERLAP``): one neuron seen at two
     places. ``positions`` (the estimated probe displacement at each spike, from the motion estimate)
     extends that to units down to ``POSITION_SPLIT_MIN_SIMILARITY`` alike that fire at different probe
-    positions (their ``profile_overlap`` over ``positions`` at most the same limit). ``core`` (None, or a function
-    returning a boolean per spike, called once and only when needed): a pair whose refractory test fails on all
-    their spikes passes when their core spikes collide at most ``CORE_MAX_REFRACTORY_RATIO`` of chance (another
-    neuron's spikes in a unit collide with a second piece of the unit's neuron as often as chance and hide that the
-    two are one).
+    positions (their ``profile_overlap`` over ``positions`` at most the same limit), and down to
+    ``POSITION_SPLIT_AMPLITUDE_RATIO`` in amplitude where one fires on one side of the other's positions
+    (``on_one_side``: a neuron beyond the probe's end, smaller at the end of its travel that takes it further off).
+    ``core`` (None, or a function returning a boolean per spike, called once and only when needed): a pair whose
+    refractory test fails on all their spikes passes when their core spikes collide at most
+    ``CORE_MAX_REFRACTORY_RATIO`` of chance (another neuron's spikes in a unit collide with a second piece of the
+    unit's neuron as often as chance and hide that the two are one).
     ``unsparsified`` (None, or the same templates on every channel): two units are also compared on the channels
     either of them reaches (where ``templates`` are non-zero), and the duplicate tests take the larger cosine: a
     faint neuron between two channels comes out as two units, each sparsified to the channels its own mean passes,

@@ -569,13 +569,28 @@ def refractory_train(rng, total_samples, num_spikes):
     return train[train < total_samples]
 
 
+def units_beside_a_neighbour(rng, first, num_spikes, templates, total_samples):
+    """Units left by the drift joins when the unit of ``first`` (spike samples) meets a neighbour of ``num_spikes``
+    spikes with the second of ``templates``, firing at every probe position of a zigzag and, worst case, never within
+    the first unit's refractory period."""
+    from accm_sorter.sorting_tools import distance_to_nearest
+    from accm_sorter.split import merge_duplicate_units
+
+    neighbour = np.sort(rng.choice(total_samples, num_spikes, replace=False))
+    neighbour = neighbour[distance_to_nearest(first, neighbour) > 60]
+    samples = np.concatenate([first, neighbour])
+    labels = np.repeat([0, 1], [first.size, neighbour.size])
+    kept, _ = merge_duplicate_units(labels, templates, samples, total_samples, 30000.0, 0.97, join_drift_splits=True,
+                                    positions=zigzag_displacement(samples))
+    return np.unique(kept).size
+
+
 def test_units_that_fire_at_different_probe_positions_are_joined_as_one_neuron():
     """Motion correction smears a sharply localised neuron at some probe displacements: that piece
     looks only 0.65 alike and fires at its own positions, interleaved in time. Joined when the
     displacement at each spike is known; a neighbour with the same waveforms firing at every position
     (and, worst case, never within the refractory period of the first) is kept."""
     from accm_sorter.pairwise import template_similarity
-    from accm_sorter.sorting_tools import distance_to_nearest
     from accm_sorter.split import (DRIFT_SPLIT_MIN_SIMILARITY, POSITION_SPLIT_MIN_SIMILARITY, merge_duplicate_units,
                                    profile_overlap, rate_profile_overlap)
 
@@ -604,14 +619,7 @@ def test_units_that_fire_at_different_probe_positions_are_joined_as_one_neuron()
     still, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True,
                                      positions=np.zeros(samples.size))  # no drift: no positions to compare
     assert np.unique(still).size == 2
-    neighbour = np.sort(rng.choice(total, smeared_here.sum(), replace=False))
-    first = np.sort(neuron[~smeared_here])
-    neighbour = neighbour[distance_to_nearest(first, neighbour) > 60]  # never in the first unit's refractory period
-    samples = np.concatenate([first, neighbour])
-    labels = np.repeat([0, 1], [first.size, neighbour.size])
-    kept, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True,
-                                    positions=displacement_of(samples))
-    assert np.unique(kept).size == 2
+    assert units_beside_a_neighbour(rng, np.sort(neuron[~smeared_here]), smeared_here.sum(), templates, total) == 2
 
 
 def test_a_neuron_past_the_probes_end_is_joined_with_its_smaller_piece_from_the_far_end_of_its_travel():
@@ -619,7 +627,6 @@ def test_a_neuron_past_the_probes_end_is_joined_with_its_smaller_piece_from_the_
     spikes there are less than half its size: a second unit (peak 0.45 of the first) that fires only at those
     positions. Joined on the position profile; the rate rule alone keeps its amplitude bar, and so do pieces that
     small at interleaved positions, and a neighbour of that size firing at every position is kept."""
-    from accm_sorter.sorting_tools import distance_to_nearest
     from accm_sorter.split import (DRIFT_SPLIT_AMPLITUDE_RATIO, POSITION_SPLIT_AMPLITUDE_RATIO, merge_duplicate_units,
                                    profile_overlap)
 
@@ -650,14 +657,7 @@ def test_a_neuron_past_the_probes_end_is_joined_with_its_smaller_piece_from_the_
     apart, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True,
                                      positions=displacement_of(samples))
     assert np.unique(apart).size == 2
-    first = np.sort(neuron[~far_end])
-    neighbour = np.sort(rng.choice(total, far_end.sum(), replace=False))
-    neighbour = neighbour[distance_to_nearest(first, neighbour) > 60]  # never in the first unit's refractory period
-    samples = np.concatenate([first, neighbour])
-    labels = np.repeat([0, 1], [first.size, neighbour.size])
-    kept, _ = merge_duplicate_units(labels, templates, samples, total, 30000.0, 0.97, join_drift_splits=True,
-                                    positions=displacement_of(samples))
-    assert np.unique(kept).size == 2
+    assert units_beside_a_neighbour(rng, np.sort(neuron[~far_end]), far_end.sum(), templates, total) == 2
 
 
 def test_two_faint_neurons_with_no_dip_between_them_are_cut_by_kmeans_only_when_their_trains_collide():
