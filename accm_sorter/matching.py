@@ -248,6 +248,46 @@ def split_verdict(waveforms, parts, samples, total_samples, sampling_frequency) 
                 rate_overlap=round(float(min(overlaps)), 2) if min(overlaps) >= 0 else "too few spikes")
 
 
+def stray_parts(waveforms, parts, samples, total_samples, sampling_frequency, positions, travel) -> list:
+    """The parts of a unit's split that are another neuron's spikes taken where the probe was at one end of its
+    travel, though too few for :func:`split_verdict`'s rate test (under ``split.MIN_RATE_BINS`` rate bins beside the
+    rest of the unit): like the whole, not refractory towards the rest, firing over at most
+    ``split.MAX_POSITION_TIME_SHARE`` of the time at probe positions where the rest fires too
+    (``split.MIN_POSITION_COEXISTENCE``). ``positions``: the probe's displacement at each spike; ``travel``: a
+    function returning it at evenly spaced times. Returns [(part label, its number of spikes, coexistence, time
+    share)]."""
+    from .pairwise import MAX_MERGE_REFRACTORY_RATIO, UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio, template_similarity
+    from .split import (MAX_LAG_SAMPLES, MAX_POSITION_TIME_SHARE, MIN_POSITION_COEXISTENCE, position_coexistence,
+                        rate_profile_overlap)
+
+    whole = waveforms.mean(axis=0)
+    strays = []
+    for label in np.unique(parts):
+        part, rest = parts == label, parts != label
+        if rate_profile_overlap(np.sort(samples[part]), np.sort(samples[rest]), total_samples) is not None:
+            continue
+        if template_similarity(waveforms[part].mean(axis=0), whole, MAX_LAG_SAMPLES)[0] < \
+                MATCHED_SPLIT_MIN_PART_SIMILARITY:
+            continue
+        ratio = refractory_ratio(np.sort(samples[part]), np.sort(samples[rest]), total_samples, sampling_frequency)
+        if ratio <= MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO:
+            continue
+        travelled = travel()
+        if not np.ptp(travelled) > 0:  # a motion estimate of 0 all along: no position to tell
+            return []
+        coexistence, time_share = position_coexistence(positions[part], positions[rest], travelled)
+        if coexistence >= MIN_POSITION_COEXISTENCE and time_share <= MAX_POSITION_TIME_SHARE:
+            strays.append((int(label), int(part.sum()), round(coexistence, 2), round(time_share, 2)))
+    return strays
+
+
+def strays_apart(unit_parts, unit, stray_labels, new_label) -> np.ndarray:
+    """``unit_parts`` (a unit's spikes' part labels) with every part but the stray ones back in ``unit``; a stray part
+    that the split numbered as the unit itself takes ``new_label``."""
+    stray = np.isin(unit_parts, stray_labels)
+    return np.where(stray, np.where(unit_parts == unit, new_label, unit_parts), unit)
+
+
 def forced_splits(waveforms, rows, parts, samples, total_samples, sampling_frequency, exclude, min_cluster_size,
                   max_similarity, seed, num_templates) -> list:
     """Report entries (as ``split_matched_units``'s) of the units cut in two by k-means, ``parts`` updated in place
@@ -291,8 +331,17 @@ def forced_splits(waveforms, rows, parts, samples, total_samples, sampling_frequ
     return entries
 
 
+def probe_travel(recording, displacement, depth_um, step_s=0.1) -> np.ndarray:
+    """The probe's displacement at ``depth_um`` every ``step_s`` seconds of every segment of ``recording``."""
+    step = max(1, int(step_s * recording.sampling_frequency))
+    grid = [np.arange(0, recording.get_num_samples(seg), step) for seg in range(recording.get_num_segments())]
+    segments = np.concatenate([np.full(g.size, seg) for seg, g in enumerate(grid)])
+    samples = np.concatenate(grid)
+    return displacement(samples, segments, np.full(samples.size, float(depth_um)))
+
+
 def split_matched_units(recording, templates, spikes, channel_table, nbefore, nafter, noise_levels, params,
-                        job_kwargs, first_unit_id, protected=(), log=None):
+                        job_kwargs, first_unit_id, protected=(), displacement=None, log=None):
     """(``templates`` with each unit that holds two neurons split, the number of units added).
 
     The split before matching sees only the spikes detection caught, where a small neuron beside a
@@ -305,7 +354,9 @@ def split_matched_units(recording, templates, spikes, channel_table, nbefore, na
     that are two neurons. A unit isosplit keeps whole is cut in two by k-means (:func:`forced_splits`), kept only
     where the two parts' trains collide as two neurons' do. A split unit's template is replaced by its first
     part's, the other parts are new units numbered from ``first_unit_id``. ``protected`` unit ids (a curator's) are
-    not split.
+    not split. ``displacement`` (None without a motion estimate): a function of (sample indices, segment indices,
+    depths in um) giving the probe's estimated displacement there; where a split is turned down, its parts that are
+    another neuron's spikes from one end of the probe's travel (:func:`stray_parts`) are still split off.
     """
     from spikeinterface.core import Templates
 
@@ -321,13 +372,28 @@ def split_matched_units(recording, templates, spikes, channel_table, nbefore, na
                                       clusterer="isosplit", protected=np.flatnonzero(np.isin(ids, protected)),
                                       pca_components=MATCHED_SPLIT_PCA_COMPONENTS)
     samples, total_samples = global_sample_index(peaks, recording)
+    positions = None
+    if displacement is not None:
+        depths = recording.get_channel_locations()[peaks["channel_index"], 1]
+        positions = displacement(peaks["sample_index"], peaks["segment_index"], depths)
     kept = []
     for entry in report:
         mine = rows == entry["unit"]
         verdict = split_verdict(waveforms[mine], parts[mine], samples[mine], total_samples,
                                 recording.sampling_frequency)
         entry.update(verdict)
-        if verdict["kept"]:
+        strays = []
+        if not verdict["kept"] and positions is not None:
+            depth = depths[mine][0]  # the unit's
+            strays = stray_parts(waveforms[mine], parts[mine], samples[mine], total_samples,
+                                 recording.sampling_frequency, positions[mine],
+                                 lambda: probe_travel(recording, displacement, depth))
+        if strays:
+            entry.update(kept=True, strays=strays)
+            kept.append(entry)
+            parts[mine] = strays_apart(parts[mine], entry["unit"], [stray[0] for stray in strays],
+                                       new_label=max(int(parts.max()) + 1, ids.size))
+        elif verdict["kept"]:
             kept.append(entry)
         else:
             parts[mine] = entry["unit"]
@@ -343,7 +409,11 @@ def split_matched_units(recording, templates, spikes, channel_table, nbefore, na
             how = f" (k-means, refractory ratio {entry['refractory_ratio']})" if entry.get("forced") else ""
             log(f"matched spikes of unit {ids[entry['unit']]}: {entry['parts']} parts{how} of {entry['sizes']} sampled "
                 f"spikes, waveform cosine {entry['min_similarity']}, parts to the unit {entry['part_similarity']}, "
-                f"rate overlap {entry['rate_overlap']}: {'split' if entry['kept'] else 'kept whole'}")
+                f"rate overlap {entry['rate_overlap']}: " + (
+                    "split off only " + ", ".join(f"the part of {size} at position coexistence {together} over "
+                                                  f"{share} of the time" for _, size, together, share in entry["strays"])
+                    + " (another neuron's spikes from one end of the probe's travel)" if "strays" in entry else
+                    "split" if entry["kept"] else "kept whole"))
     if not kept:
         return templates, 0
     new_parts = np.unique(parts[parts >= ids.size])  # numbered on from the last unit, without gaps

@@ -528,9 +528,12 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             timer.start("matching")
             from .matching import split_matched_units
 
+            displacement = None if motion is None else (
+                lambda samples, segments, depths: probe_displacement(recording, motion, samples, segments, depths))
             matching_templates, num_new = split_matched_units(
                 preprocessed, matching_templates, spikes, table, nbefore, nafter, noise_levels, params, job_kwargs,
-                first_unit_id=len(to_final), protected=np.flatnonzero(to_final < num_curated), log=log)
+                first_unit_id=len(to_final), protected=np.flatnonzero(to_final < num_curated),
+                displacement=displacement, log=log)
             if num_new:
                 new_units = matching_templates.select_units(matching_templates.unit_ids[-num_new:])
                 to_final, main_channels, confidence_by_unit, curated_ids, num_units = with_new_units(

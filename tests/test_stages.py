@@ -350,6 +350,50 @@ def test_a_split_is_kept_only_for_parts_that_fire_together_and_look_like_the_uni
     assert not split_verdict(unlike, parts, together, total, fs)["kept"]
 
 
+def test_a_part_too_small_for_a_rate_profile_is_split_off_where_the_rest_fires_at_its_probe_positions():
+    """Under drift, 60 spikes of another neuron from one end of the probe's travel are a stray part of a unit
+    whose own neuron fires at every position, even where that neuron's spikes come in two parts that take turns;
+    60 spikes of the unit's own neuron from the end of its travel, where the rest never fires, are not, nor 60
+    spikes from all along the travel (too few to be a neuron of their own), nor any part without motion."""
+    from accm_sorter.matching import split_verdict, stray_parts, strays_apart
+
+    rng = np.random.default_rng(1)
+    total, fs = 30000 * 120, 30000.0
+    times = np.arange(0, total, 3000)
+    travel = 20.0 * np.sin(2 * np.pi * times / (60 * fs))  # the probe's displacement every 0.1 s
+
+    def position_at(samples):
+        return np.interp(samples, times, travel)
+
+    shape = np.sin(np.linspace(0, 3 * np.pi, 40))[None, :] * np.array([[1.0], [0.5], [0.2]])
+    other = np.roll(shape, 2, axis=1) * np.array([[0.8], [1.0], [0.5]])
+    waveforms = np.concatenate([shape + 0.1 * rng.standard_normal((300, 3, 40)),
+                                other + 0.1 * rng.standard_normal((60, 3, 40))]).astype("float32")
+    parts = np.repeat([0, 1], [300, 60])
+    everywhere = np.sort(rng.choice(total, 300, replace=False))
+    far_end = np.sort(rng.choice(times[travel < -10], 60, replace=False))
+    samples = np.concatenate([everywhere, far_end])
+    assert split_verdict(waveforms, parts, samples, total, fs)["rate_overlap"] == "too few spikes"
+    (label, size, coexistence, time_share), = stray_parts(waveforms, parts, samples, total, fs, position_at(samples),
+                                                    lambda: travel)
+    assert label == 1 and size == 60 and coexistence > 0.8 and time_share < 0.5
+    # the unit's own neuron in two parts that take turns (e.g. its waveform changes along the travel)
+    in_turns = np.where(position_at(everywhere) > 0, 0, 2)
+    three = np.concatenate([in_turns, [1] * 60])
+    assert not split_verdict(waveforms, three, samples, total, fs)["kept"]
+    assert [stray[0] for stray in stray_parts(waveforms, three, samples, total, fs, position_at(samples),
+                                              lambda: travel)] == [1]
+    assert stray_parts(waveforms, parts, samples, total, fs, position_at(samples), lambda: np.zeros(times.size)) == []
+    assert strays_apart(np.array([7, 7, 40, 41, 7]), 7, [40], new_label=50).tolist() == [7, 7, 40, 7, 7]
+    assert strays_apart(np.array([7, 7, 40, 41, 7]), 7, [7], new_label=50).tolist() == [50, 50, 7, 7, 50]
+    near_end = np.sort(rng.choice(times[travel > -10], 300, replace=False))  # the rest is absent at the far end
+    samples = np.concatenate([near_end, far_end])
+    assert stray_parts(waveforms, parts, samples, total, fs, position_at(samples), lambda: travel) == []
+    anywhere = np.sort(rng.choice(total, 60, replace=False))  # a share of the unit's own spikes, all along the travel
+    samples = np.concatenate([everywhere, anywhere])
+    assert stray_parts(waveforms, parts, samples, total, fs, position_at(samples), lambda: travel) == []
+
+
 def test_labelled_spikes_stay_in_their_unit_without_touching_other_units():
     from accm_sorter.labels import Labels
     from accm_sorter.matching import spike_dtype
