@@ -261,7 +261,7 @@ def stray_parts(waveforms, parts, samples, total_samples, sampling_frequency, po
                         rate_profile_overlap)
 
     whole = waveforms.mean(axis=0)
-    strays = []
+    strays, travelled = [], None
     for label in np.unique(parts):
         part, rest = parts == label, parts != label
         if rate_profile_overlap(np.sort(samples[part]), np.sort(samples[rest]), total_samples) is not None:
@@ -272,7 +272,7 @@ def stray_parts(waveforms, parts, samples, total_samples, sampling_frequency, po
         ratio = refractory_ratio(np.sort(samples[part]), np.sort(samples[rest]), total_samples, sampling_frequency)
         if ratio <= MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO:
             continue
-        travelled = travel()
+        travelled = travel() if travelled is None else travelled  # once per unit, and only where a part needs it
         if not np.ptp(travelled) > 0:  # a motion estimate of 0 all along: no position to tell
             return []
         coexistence, time_share = position_coexistence(positions[part], positions[rest], travelled)
