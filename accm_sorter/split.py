@@ -240,11 +240,17 @@ def profile_overlap(values_a, values_b, low, high) -> float | None:
     return float(np.minimum(counts_a / counts_a.sum(), counts_b / counts_b.sum()).sum())
 
 
+def position_span(values, quantile=POSITION_SIDE_QUANTILE) -> tuple[float, float]:
+    """(low, high): the span of a unit's probe positions without ``quantile`` of them at each end."""
+    low, high = np.quantile(values, [quantile, 1 - quantile])
+    return float(low), float(high)
+
+
 def on_one_side(values_a, values_b, quantile=POSITION_SIDE_QUANTILE) -> bool:
     """True where all but ``quantile`` of one unit's values (probe positions) lie beyond all but ``quantile`` of the
     other's: a neuron seen smaller at one end of its travel, not pieces that take turns across it."""
-    low_a, high_a = np.quantile(values_a, [quantile, 1 - quantile])
-    low_b, high_b = np.quantile(values_b, [quantile, 1 - quantile])
+    low_a, high_a = position_span(values_a, quantile)
+    low_b, high_b = position_span(values_b, quantile)
     return bool(high_a <= low_b or high_b <= low_a)
 
 
@@ -254,7 +260,7 @@ def position_coexistence(part_positions, rest_positions, probe_positions,
     over how often the time the probe spent there predicts, that share of time) for ``probe_positions`` the probe's
     displacement at evenly spaced times. The first is about 1 for two neurons firing all along, near 0 for one
     neuron's pieces that take turns across its travel; the second is 1 for a part that fires all along the travel."""
-    low, high = np.quantile(part_positions, [quantile, 1 - quantile])
+    low, high = position_span(part_positions, quantile)
     time_share = float(np.mean((probe_positions >= low) & (probe_positions <= high)))
     if time_share == 0:
         return 0.0, 0.0
