@@ -58,6 +58,18 @@ REASSIGN_MIN_SIMILARITY = 0.7
 REASSIGN_MAX_LAG = 3
 # rounds of giving each spike to the best-fitting template and re-estimating the templates
 REASSIGN_ROUNDS = 2
+# Once the units are final (every join done), their spikes are given once more to the best-fitting template,
+# now among units down to this cosine: a template that was a blend of neurons before the joins was less alike to
+# its neighbours than the neurons are (dense-overlap seed 2002: GT 16's spikes in a unit of GT 11's, template
+# cosine 0.5-0.7). Only between units at most REASSIGN_MAX_SIZE_RATIO apart in template norm: at amplitude 1 a
+# big neuron's spike that motion correction shrank fits a smaller neighbour better (drift seed 2002: 372 of
+# GT 24's spikes, template norm 2.4 times GT 0's, went to GT 0's unit; 0.991 -> 0.81).
+FINAL_REASSIGN_MIN_SIMILARITY = 0.5
+REASSIGN_MAX_SIZE_RATIO = 2.0
+# That pass assumes one template per unit, which holds only where the probe stayed put: on drift seed 2002 (+-20 um)
+# it moved spikes between GT 0's and GT 8's units (0.991 / 0.982 -> 0.969 / 0.964), so it runs only where the
+# estimated motion spans at most this (a quarter of a 20 um channel pitch)
+FINAL_REASSIGN_MAX_TRAVEL_UM = 5.0
 
 # A unit's core spikes (split.CORE_MAX_REFRACTORY_RATIO) are all but this share least alike to its template, by the
 # cosine of the spike alone (the residual of matching plus its own fit): where a unit holds another neuron's spikes
@@ -777,17 +789,21 @@ def core_spikes(recording, templates, spikes, quantile=REFRACTORY_CORE_QUANTILE)
     return core
 
 
-def alike_units(dense, ids, min_similarity, max_lag, protected=()):
+def alike_units(dense, ids, min_similarity, max_lag, protected=(), max_size_ratio=np.inf):
     """{unit: units whose templates (``dense``: (units, T, channels)) have cosine >= ``min_similarity`` with its own
-    at a lag of at most ``max_lag`` samples}; ``protected`` units have none and are nobody's."""
+    at a lag of at most ``max_lag`` samples and norms at most ``max_size_ratio`` apart}; ``protected`` units have
+    none and are nobody's."""
     from .pairwise import template_similarity
 
     free = ~np.isin(ids, protected)
     channels = np.ptp(dense, axis=1) > 0
+    norms = np.sqrt((dense.astype("float64") ** 2).sum(axis=(1, 2)))
     alike = {int(u): [] for u in ids[free]}
     for a in np.flatnonzero(free):
         for b in np.flatnonzero(free):
             if b <= a or not (channels[a] & channels[b]).any():
+                continue
+            if max(norms[a], norms[b]) > max_size_ratio * min(norms[a], norms[b]):
                 continue
             cosine, _ = template_similarity(dense[a].T, dense[b].T, max_lag)
             if cosine >= min_similarity:
@@ -796,7 +812,8 @@ def alike_units(dense, ids, min_similarity, max_lag, protected=()):
     return {u: v for u, v in alike.items() if v}
 
 
-def reassign_between_alike_units(recording, templates, spikes, noise_levels, window, protected=(), log=None):
+def reassign_between_alike_units(recording, templates, spikes, noise_levels, window, protected=(), log=None,
+                                 min_similarity=REASSIGN_MIN_SIMILARITY, max_size_ratio=np.inf):
     """``spikes`` with each spike of units whose templates look alike given to the one that fits it best, and how
     many moved.
 
@@ -805,7 +822,8 @@ def reassign_between_alike_units(recording, templates, spikes, noise_levels, win
     seed 2002: GT 7 and GT 11, 4 um apart, cosine 0.85, GT 11 at 0.6 of GT 7's size), a quarter of the
     smaller neuron's spikes went to the bigger one's unit scaled down and a tenth of the bigger one's to
     the smaller's. Each spike of such units is taken alone (the residual of matching with its own
-    fit added back) and given to the unit, among its own and those alike to it (``REASSIGN_MIN_SIMILARITY``),
+    fit added back) and given to the unit, among its own and those alike to it (cosine >= ``min_similarity``,
+    template norms at most ``max_size_ratio`` apart),
     whose template at amplitude 1 explains it with the least squared error, at a lag of up to
     ``REASSIGN_MAX_LAG`` samples, with the prior of each unit's share of the spikes: a Gaussian-noise
     maximum a posteriori class, where amplitude tells the two apart as well as shape. Templates are
@@ -817,7 +835,7 @@ def reassign_between_alike_units(recording, templates, spikes, noise_levels, win
 
     ids = np.asarray(templates.unit_ids)
     dense = templates.get_dense_templates()
-    alike = alike_units(dense, ids, REASSIGN_MIN_SIMILARITY, REASSIGN_MAX_LAG, protected)
+    alike = alike_units(dense, ids, min_similarity, REASSIGN_MAX_LAG, protected, max_size_ratio)
     index = np.flatnonzero(np.isin(spikes["unit_index"], list(alike)))
     if index.size == 0:
         return spikes, 0

@@ -353,8 +353,10 @@ PARAMETERS: tuple[Parameter, ...] = (
               "share of the spikes as prior), in two rounds that re-estimate the templates. Matching's free "
               "amplitude lets a big neuron's template, scaled down, take a smaller alike neuron's spikes "
               "(tetrode 7/10 -> 9/10 well detected, dense-overlap seed 2002 19/25 -> 21/25; docs/method.md, 9k). "
-              "The duplicate join runs before it and again after it. Used only when matching_method is not "
-              "'none'."),
+              "The duplicate join runs before it and again after it; then, once more on the joined units, among "
+              "units down to cosine 0.5 whose templates are at most twice each other's size, where the estimated "
+              "motion spans at most 5 um (docs/method.md, 9k). "
+              "Used only when matching_method is not 'none'."),
     Parameter("drop_copied_spikes", True, bool, "matching",
               "After the last matching pass, where two units sharing channels fire within 0.1 ms of each other at "
               "least 20 times and 4 times as often as chance, each such pair of spikes is one spike matched twice (a "

@@ -612,6 +612,22 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                                                              log=log)
             if num_moved and params["duplicate_min_similarity"] < 1.0:
                 labels = join_duplicates(spikes, labels, *join_args)
+            from .matching import (FINAL_REASSIGN_MAX_TRAVEL_UM, FINAL_REASSIGN_MIN_SIMILARITY,
+                                   REASSIGN_MAX_SIZE_RATIO, unit_templates)
+
+            travel = 0.0 if motion is None else float(np.ptp(np.concatenate([np.ravel(d)
+                                                                             for d in motion.displacement])))
+            if travel <= FINAL_REASSIGN_MAX_TRAVEL_UM:
+                # the joined units' own templates, on every channel: a joined unit's matching template is one piece's
+                final_templates = unit_templates(preprocessed, spikes, spikes["unit_index"], len(to_final),
+                                                 noise_levels, params, job_kwargs, sparse=False)
+                spikes, _ = reassign_between_alike_units(preprocessed, final_templates, spikes, noise_levels, censor,
+                                                         protected=np.flatnonzero(to_final < num_curated), log=log,
+                                                         min_similarity=FINAL_REASSIGN_MIN_SIMILARITY,
+                                                         max_size_ratio=REASSIGN_MAX_SIZE_RATIO)
+            else:
+                log(f"joined units: no second reassignment, the probe moved {travel:.1f} um (one template per unit "
+                    f"holds where it moved at most {FINAL_REASSIGN_MAX_TRAVEL_UM:g} um)")
         if num_curated:
             from .curated import find_missed_spikes
             from .matching import join_templates, residual_of_matching

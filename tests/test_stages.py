@@ -1023,6 +1023,31 @@ def test_spikes_swapped_between_alike_units_go_back_to_the_template_that_fits_th
     _, num_moved_from_truth = reassign_between_alike_units(recording, true_templates, truth, noise, window=12)
     # measured: none of the 599 moved
     assert num_moved_from_truth <= 0.01 * truth.size, num_moved_from_truth
+    # the pass over the final units, among units down to cosine 0.5 of at most twice each other's size
+    from accm_sorter.matching import FINAL_REASSIGN_MIN_SIMILARITY, REASSIGN_MAX_SIZE_RATIO
+
+    back, _ = reassign_between_alike_units(recording, blended, traded, noise, window=12,
+                                           min_similarity=FINAL_REASSIGN_MIN_SIMILARITY,
+                                           max_size_ratio=REASSIGN_MAX_SIZE_RATIO)
+    final = performance_of_matched(gt, back, recording.sampling_frequency)["accuracy"].astype(float)
+    assert final.iloc[[big, small]].min() >= 0.97 and final.min() >= before.min() - 0.01, (before, final)
+    _, num_moved_from_truth = reassign_between_alike_units(recording, true_templates, truth, noise, window=12,
+                                                           min_similarity=FINAL_REASSIGN_MIN_SIMILARITY,
+                                                           max_size_ratio=REASSIGN_MAX_SIZE_RATIO)
+    assert num_moved_from_truth <= 0.01 * truth.size, num_moved_from_truth
+
+
+def test_alike_units_are_at_most_the_size_ratio_apart():
+    """One shape at 1, 1.5 and 3 times its size: all alike without a size limit; with a limit of 2 the
+    3-times copy has no partner within twice its size."""
+    from accm_sorter.matching import alike_units
+
+    rng = np.random.default_rng(0)
+    shape = rng.normal(size=(40, 4)).astype("float32")
+    dense = np.stack([shape, 1.5 * shape, 3.0 * shape])
+    ids = np.arange(3)
+    assert alike_units(dense, ids, 0.9, 3) == {0: [1, 2], 1: [0, 2], 2: [0, 1]}
+    assert alike_units(dense, ids, 0.9, 3, max_size_ratio=2.0) == {0: [1], 1: [0, 2], 2: [1]}
 
 
 def test_core_spikes_are_those_most_like_their_units_template(short_gt):
