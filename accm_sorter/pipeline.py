@@ -23,7 +23,7 @@ from .detect import detect_spikes, estimate_noise_levels, spike_prototype
 from .encoder_io import save_encoder
 from .overlaps import refractory_repeats, residual_recording, resolve_overlaps, template_amplitude_scale
 from .pairwise import assign_spikes, build_prototypes, group_templates, merge_clusters, train_spike_classifier
-from .preprocess import cache_recording, preprocess_recording, probe_displacement
+from .preprocess import cache_recording, motion_span_um, preprocess_recording, probe_displacement
 from .sorting_tools import distance_to_nearest, global_sample_index, time_ordered, with_all_segments
 from .snippets import (
     estimate_locations,
@@ -615,8 +615,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             from .matching import (FINAL_REASSIGN_MAX_TRAVEL_UM, FINAL_REASSIGN_MIN_SIMILARITY,
                                    REASSIGN_MAX_SIZE_RATIO, unit_templates)
 
-            travel = 0.0 if motion is None else float(np.ptp(np.concatenate([np.ravel(d)
-                                                                             for d in motion.displacement])))
+            travel = motion_span_um(motion)
             if travel <= FINAL_REASSIGN_MAX_TRAVEL_UM:
                 # the joined units' own templates, on every channel: a joined unit's matching template is one piece's
                 final_templates = unit_templates(preprocessed, spikes, spikes["unit_index"], len(to_final),

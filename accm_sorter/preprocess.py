@@ -59,6 +59,13 @@ def probe_displacement(recording, motion, sample_index, segment_index, depth_um)
     return displacement
 
 
+def motion_span_um(motion) -> float:
+    """How far (um) the estimated probe displacement ranges over the whole recording; 0 without an estimate."""
+    if motion is None:
+        return 0.0
+    return float(np.ptp(np.concatenate([np.ravel(displacement) for displacement in motion.displacement])))
+
+
 def wants_motion_correction(recording, params: dict) -> bool:
     if params["motion_correction"] != "auto":
         return params["motion_correction"] == "on"

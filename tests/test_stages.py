@@ -602,6 +602,17 @@ def test_probe_displacement_reads_the_motion_at_each_spikes_time_and_depth():
     assert probe_displacement(recording, None, samples, np.zeros(2, dtype="int64"), np.zeros(2)) is None
 
 
+def test_motion_span_is_the_range_of_the_estimated_displacement_over_depths_and_time():
+    from spikeinterface.core.motion import Motion
+
+    from accm_sorter.preprocess import motion_span_um
+
+    times = np.arange(0.5, 10.0, 1.0)
+    motion = Motion([np.stack([times, -times], axis=1)], [times], np.array([0.0, 100.0]))
+    assert motion_span_um(motion) == pytest.approx(9.5 - (-9.5))
+    assert motion_span_um(None) == 0.0
+
+
 def zigzag_displacement(samples):
     """Probe displacement (um) at each sample of a +-20 um zigzag with a 60 s period, at 30 kHz."""
     return 20 * (2 * np.abs((samples / (30000 * 60.0)) % 1 - 0.5) * 2 - 1)
