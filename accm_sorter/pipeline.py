@@ -612,8 +612,7 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
                                                              log=log)
             if num_moved and params["duplicate_min_similarity"] < 1.0:
                 labels = join_duplicates(spikes, labels, *join_args)
-            from .matching import (FINAL_REASSIGN_MAX_TRAVEL_UM, FINAL_REASSIGN_MIN_SIMILARITY,
-                                   REASSIGN_MAX_SIZE_RATIO, unit_templates)
+            from .matching import FINAL_REASSIGN_MAX_TRAVEL_UM, FINAL_REASSIGN_MIN_SIMILARITY, REASSIGN_MAX_SIZE_RATIO
 
             travel = motion_span_um(motion)
             if travel <= FINAL_REASSIGN_MAX_TRAVEL_UM:
