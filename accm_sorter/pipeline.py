@@ -21,6 +21,7 @@ from .cluster import cluster_features, fit_feature_scaling
 from .curation import remove_duplicate_spikes, remove_rare_units
 from .detect import detect_spikes, estimate_noise_levels, spike_prototype
 from .encoder_io import save_encoder
+from .numba_cache import cache_compiled_kernels
 from .overlaps import refractory_repeats, residual_recording, resolve_overlaps, template_amplitude_scale
 from .pairwise import assign_spikes, build_prototypes, group_templates, merge_clusters, train_spike_classifier
 from .preprocess import cache_recording, motion_span_um, preprocess_recording, probe_displacement
@@ -234,6 +235,10 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
     num_channels = recording.get_num_channels()
     log(f"accm {__version__} on {num_channels} channels, {recording.get_total_duration():.1f} s, device {device}, "
         f"job_kwargs {job_kwargs}")
+    # before any kernel's first call in this process: a fresh process would otherwise compile them again
+    num_kernels, problems = cache_compiled_kernels()
+    log(f"numba disk cache on for {num_kernels} SpikeInterface kernels"
+        + (f"; not cached: {'; '.join(problems)}" if problems else ""))
 
     timer.start("preprocess")
     preprocessed, motion = preprocess_recording(recording, params, sorter_output_folder / "motion", job_kwargs)
