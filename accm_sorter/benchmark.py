@@ -434,13 +434,51 @@ def ground_truth_snr(recording, gt_sorting, max_spikes=200, seed=0) -> np.ndarra
     return snr
 
 
+def machine_description() -> dict:
+    """The processor, its cores, torch's CPU kernel set and the package versions a benchmark ran with.
+
+    Torch chooses its CPU kernels by the instruction set (AVX2 or AVX-512; ``ATEN_CPU_CAPABILITY`` overrides it),
+    and their rounding alone moved tetrode 2002 from 9/10 to 7/10 well detected on one machine
+    (docs/method.md, "Known weaknesses"): figures are comparable only with this beside them.
+    """
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf8") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        kernels = str(torch.backends.cpu.get_cpu_capability())
+    except (ImportError, AttributeError):
+        kernels = "unknown"
+    versions = {}
+    for package in ("accm-sorter", "spikeinterface", "torch", "numpy", "numba", "hdbscan"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return dict(cpu=cpu, cores=os.cpu_count(), torch_cpu_kernels=kernels, python=platform.python_version(),
+                versions=versions)
+
+
 def write_results(rows, output_folder: Path):
     records = [asdict(r) for r in rows]
     (output_folder / "results.json").write_text(json.dumps(records, indent=1, default=float))
     keys = [k for k in records[0] if k not in ("params", "data_folder")] if records else []
     lines = [",".join(keys)] + [",".join(str(rec[k]) for k in keys) for rec in records]
     (output_folder / "results.csv").write_text("\n".join(lines) + "\n")
-    (output_folder / "results.md").write_text(markdown_table(rows))
+    machine = machine_description()
+    (output_folder / "machine.json").write_text(json.dumps(machine, indent=1))
+    packages = ", ".join(f"{name} {v}" for name, v in machine["versions"].items())
+    (output_folder / "results.md").write_text(
+        markdown_table(rows) + f"\nMeasured on {machine['cpu']} ({machine['cores']} cores), torch CPU kernels "
+        f"{machine['torch_cpu_kernels']}, Python {machine['python']}; {packages}.\n")
 
 
 def markdown_table(rows) -> str:

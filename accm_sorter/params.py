@@ -362,7 +362,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "least 20 times and 4 times as often as chance, each such pair of spikes is one spike matched twice (a "
               "remnant of one neuron's subtraction fitted by a neighbour's template): the spike whose template "
               "explains less of the recording there is dropped (dense-overlap seed 2003 23/25 -> 24/25 well detected; "
-              "docs/method.md, 9j). Used only when matching_method is not 'none'."),
+              "docs/method.md, 9j). The test runs again between the sorted units once pieces are joined "
+              "(dense-overlap 2002 20/25 -> 21/25). Used only when matching_method is not 'none'."),
     Parameter("discover_min_snr", 3.0, float, "matching",
               "A unit found on the residual is kept when its template's peak-to-peak reaches this many noise "
               "levels on its best channel.", low=0.0, high=100.0),

@@ -31,6 +31,9 @@ def test_benchmark_cli_on_a_tiny_scenario(tmp_path):
     assert rows["accm"]["well_detected"] >= 3
     table = (out / "results.md").read_text()
     assert "| small8 |" in table and "not installed" in table
+    machine = json.loads((out / "machine.json").read_text())
+    assert machine["cores"] >= 1 and machine["versions"]["spikeinterface"] != "not installed"
+    assert f"torch CPU kernels {machine['torch_cpu_kernels']}" in table and machine["cpu"] in table
     assert (out / "results.csv").read_text().count("\n") == 4
     for figure in ("accuracy_small8.png", "time_memory.png"):
         assert (out / figure).stat().st_size > 10_000

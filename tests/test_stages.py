@@ -954,25 +954,33 @@ def true_spikes_and_templates(short_gt):
     return recording, gt, noise, truth, templates
 
 
-def test_a_remnant_fitted_by_a_neighbours_template_is_dropped_but_chance_collisions_stay(short_gt):
-    """A unit holding copies of its neighbour's spikes (same events, +-2 samples) loses them, and only them:
-    at each copy the neighbour's template explains the recording better. Real collisions of units that meet
-    as often as chance, and a curated unit's spikes, are left alone."""
-    from accm_sorter.matching import drop_copied_spikes, time_ordered
+def with_copies_of_a_neighbour(truth, templates, num_copies, seed):
+    """``truth`` plus ``num_copies`` spikes of its biggest unit copied (+-2 samples) into the unit whose template is
+    most alike (the one a remnant would fit); returns (spikes, the copies' unit, the copied unit)."""
+    from accm_sorter.matching import time_ordered
 
-    recording, gt, noise, truth, templates = true_spikes_and_templates(short_gt)
-    params = validate_params({})
     dense = templates.get_dense_templates()
     cosine = np.einsum("utc,vtc->uv", dense, dense) / np.outer(*(2 * [np.linalg.norm(dense, axis=(1, 2))]))
     source = int(np.argmax(np.bincount(truth["unit_index"])))
     np.fill_diagonal(cosine, -1)
-    neighbour = int(np.argmax(cosine[source]))  # the most alike template: the one a remnant would fit
-    rng = np.random.default_rng(1)
+    neighbour = int(np.argmax(cosine[source]))
+    rng = np.random.default_rng(seed)
     copied_from = truth[truth["unit_index"] == source]
-    copies = copied_from[rng.choice(copied_from.size, 40, replace=False)].copy()
+    copies = copied_from[rng.choice(copied_from.size, num_copies, replace=False)].copy()
     copies["unit_index"] = neighbour
     copies["sample_index"] += rng.integers(-2, 3, copies.size)
-    spikes = time_ordered(truth, copies)
+    return time_ordered(truth, copies), neighbour, source
+
+
+def test_a_remnant_fitted_by_a_neighbours_template_is_dropped_but_chance_collisions_stay(short_gt):
+    """A unit holding copies of its neighbour's spikes (same events, +-2 samples) loses them, and only them:
+    at each copy the neighbour's template explains the recording better. Real collisions of units that meet
+    as often as chance, and a curated unit's spikes, are left alone."""
+    from accm_sorter.matching import drop_copied_spikes
+
+    recording, gt, noise, truth, templates = true_spikes_and_templates(short_gt)
+    params = validate_params({})
+    spikes, neighbour, _ = with_copies_of_a_neighbour(truth, templates, 40, seed=1)
 
     kept, num_dropped = drop_copied_spikes(recording, templates, spikes, noise, params)
     # measured: the 40 copies dropped, every true spike kept
@@ -981,6 +989,32 @@ def test_a_remnant_fitted_by_a_neighbours_template_is_dropped_but_chance_collisi
                           np.sort(truth[["sample_index", "unit_index"]], order=["sample_index", "unit_index"]))
     assert drop_copied_spikes(recording, templates, truth, noise, params)[1] == 0  # chance collisions stay
     assert drop_copied_spikes(recording, templates, spikes, noise, params, protected=[neighbour])[1] == 0
+
+
+def test_copies_spread_over_the_pieces_of_a_joined_unit_are_dropped_once_the_pieces_are_one_unit(short_gt):
+    """30 copies of a unit's spikes held by a neighbour matched as two pieces, 15 in each: under the copy test's
+    20 meetings piece by piece, so the test before the joins keeps them; the test between sorted units, where
+    the pieces are one unit, drops exactly those 30."""
+    from accm_sorter.matching import drop_copied_spikes, unit_templates
+    from accm_sorter.pipeline import drop_copies_between_sorted_units
+
+    recording, gt, noise, truth, templates = true_spikes_and_templates(short_gt)
+    params = validate_params({})
+    sorted_spikes, neighbour, _ = with_copies_of_a_neighbour(truth, templates, 30, seed=2)
+    num_units = gt.get_num_units()
+    pieces = sorted_spikes.copy()
+    second_piece = np.flatnonzero(pieces["unit_index"] == neighbour)[1::2]  # every other spike, copies included
+    pieces["unit_index"][second_piece] = num_units
+    piece_templates = unit_templates(recording, pieces, pieces["unit_index"], num_units + 1, noise, params,
+                                     MATCHING_JOB_KWARGS, sparse=False)
+    assert drop_copied_spikes(recording, piece_templates, pieces, noise, params)[1] == 0
+
+    kept = drop_copies_between_sorted_units(recording, sorted_spikes, num_units, noise, params, MATCHING_JOB_KWARGS)
+    # measured: 30 spikes dropped, 28 of them copies; at 2 meetings the neighbour's template (blended by the copies
+    # it holds) explained the event better than the source's own and the true spike went instead
+    as_pairs = lambda spikes: set(zip(spikes["sample_index"].tolist(), spikes["unit_index"].tolist()))
+    assert sorted_spikes.size - kept.size == 30
+    assert len(as_pairs(truth) & as_pairs(kept)) >= truth.size - 3
 
 
 def test_spike_windows_come_in_batches_of_bounded_memory_with_the_same_content(short_gt):
