@@ -43,6 +43,18 @@ MATCHED_SPLIT_MIN_RATE_OVERLAP = 0.5
 # components, and the cut is kept only on the trains' evidence: the two parts collide in the refractory period
 # more than a neuron's pieces may (the join's limit, with enough spikes for the test), besides split_verdict
 FORCED_SPLIT_PCA_COMPONENTS = 4
+# Two neurons of one shape at two sizes (tetrode 2002: GT 6 and GT 8, template cosine 0.992, amplitude ratio 0.76)
+# that end in one unit are two modes of the spikes' fitted amplitudes (GT 6 0.83-0.94, GT 8 0.97-1.11 of the
+# unit's template, 5-95 %): a unit is cut between its two amplitude modes where they are this many pooled standard
+# deviations apart (measured 3.7 there) ...
+AMPLITUDE_SPLIT_MIN_SEPARATION = 3.0
+# ... and the smaller mode holds at least this fraction of the fitted spikes; spikes kept without a fit
+# (amplitude exactly 1: small units' residual peaks) stay in the unit, and a unit with fewer than this
+# fraction fitted is not looked at
+AMPLITUDE_SPLIT_MIN_FRACTION = 0.1
+AMPLITUDE_SPLIT_MIN_FITTED = 0.8
+# the amplitudes' own spread below this is rounding, not noise (the mixture's variance floor)
+AMPLITUDE_SPLIT_MIN_SD = 0.01
 
 # Two units' spikes at one event (within this many ms) are one spike matched twice ...
 COPY_MAX_LAG_MS = 0.1
@@ -341,6 +353,67 @@ def forced_splits(waveforms, rows, parts, samples, total_samples, sampling_frequ
             parts[mine] = trial
         entries.append(entry)
     return entries
+
+
+def amplitude_modes(amplitudes, seed):
+    """(mode of each amplitude, 0 = smaller, or None when they are not two modes; the modes' separation).
+
+    A two-component Gaussian mixture; the amplitudes are two modes when its means are at least
+    ``AMPLITUDE_SPLIT_MIN_SEPARATION`` pooled standard deviations apart and its smaller component holds at least
+    ``AMPLITUDE_SPLIT_MIN_FRACTION`` of them.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    values = np.asarray(amplitudes, dtype="float64").reshape(-1, 1)
+    mixture = GaussianMixture(2, random_state=seed, n_init=2, reg_covar=AMPLITUDE_SPLIT_MIN_SD ** 2).fit(values)
+    means, spreads = mixture.means_.ravel(), np.sqrt(mixture.covariances_.ravel())
+    separation = float(abs(means[0] - means[1]) / np.sqrt((spreads[0] ** 2 + spreads[1] ** 2) / 2))
+    if separation < AMPLITUDE_SPLIT_MIN_SEPARATION or mixture.weights_.min() < AMPLITUDE_SPLIT_MIN_FRACTION:
+        return None, separation
+    modes = mixture.predict(values)
+    return (1 - modes if means[0] > means[1] else modes), separation
+
+
+def split_by_amplitude(spikes, samples, total_samples, sampling_frequency, num_units, min_spikes, seed, protected=(),
+                       log=None):
+    """(``spikes`` with the units of two neurons at two sizes split, the unit each new unit was split from).
+
+    tdc-peeler fits each spike with a free amplitude (0.7-1.4 of the template), so one template takes
+    the spikes of two neurons of one shape whose sizes differ by a quarter, and nothing after matching
+    compares shapes finely enough to part them. Their spikes' fitted amplitudes do:
+    :func:`amplitude_modes`. The cut is kept on the trains' evidence, as :func:`split_verdict` keeps
+    a split: the two parts fire together over the recording (rate-profile overlap at least
+    ``MATCHED_SPLIT_MIN_RATE_OVERLAP``) and meet in the refractory period as two neurons do, with enough
+    spikes for the test (one neuron whose amplitude changes, as it moves along the probe or within a
+    burst, never does). The smaller mode becomes a new unit, numbered from ``num_units``. ``samples``: each
+    spike's global sample index. ``protected`` units (a curator's) are not split.
+    """
+    from .pairwise import MAX_MERGE_REFRACTORY_RATIO, UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio
+    from .split import rate_profile_overlap
+
+    spikes = spikes.copy()
+    parents = []
+    for unit in np.setdiff1d(np.unique(spikes["unit_index"]), protected):
+        mine = np.flatnonzero(spikes["unit_index"] == unit)
+        fitted = mine[spikes["amplitude"][mine] != 1.0]
+        if fitted.size < 2 * min_spikes or fitted.size < AMPLITUDE_SPLIT_MIN_FITTED * mine.size:
+            continue
+        modes, separation = amplitude_modes(spikes["amplitude"][fitted], seed)
+        if modes is None or min(np.bincount(modes, minlength=2)) < min_spikes:
+            continue
+        small, big = np.sort(samples[fitted[modes == 0]]), np.sort(samples[fitted[modes == 1]])
+        overlap = rate_profile_overlap(small, big, total_samples)
+        ratio = refractory_ratio(small, big, total_samples, sampling_frequency)
+        kept = (overlap is not None and overlap >= MATCHED_SPLIT_MIN_RATE_OVERLAP
+                and ratio != UNINFORMATIVE_REFRACTORY_RATIO and ratio > MAX_MERGE_REFRACTORY_RATIO)
+        if log is not None:
+            log(f"unit {unit}: two amplitude modes {separation:.1f} sd apart, {small.size} + {big.size} spikes, rate "
+                f"overlap {'too few spikes' if overlap is None else round(overlap, 2)}, refractory ratio {ratio:.2f}: "
+                + ("split" if kept else "kept whole"))
+        if kept:
+            spikes["unit_index"][fitted[modes == 0]] = num_units + len(parents)
+            parents.append(int(unit))
+    return spikes, np.asarray(parents, dtype="int64")
 
 
 def probe_travel(recording, displacement, depth_um, step_s=0.1) -> np.ndarray:

@@ -346,6 +346,12 @@ PARAMETERS: tuple[Parameter, ...] = (
               "own channels and once on those and its neighbours', and drop it where either fit gives it under 0.5 "
               "of its template: a remnant of a neighbour's subtraction or a noise peak (docs/method.md, 9l). Used "
               "only when matching_method is not 'none'."),
+    Parameter("split_by_amplitude", True, bool, "matching",
+              "At the end, a unit whose spikes' fitted amplitudes form two modes (a two-component Gaussian mixture "
+              "with means at least 3 pooled standard deviations apart, the smaller holding at least 10 %) is split "
+              "between them, where the two parts fire together over the recording and meet in the refractory period "
+              "as two neurons do: two neurons of one shape at two sizes, which matching's free amplitude fits with one "
+              "template (docs/method.md, 9o). Used only when matching_method is not 'none'."),
     Parameter("reassign_alike_units", True, bool, "matching",
               "After the last matching pass, each spike of units whose templates look alike (cosine >= 0.7) is "
               "taken alone (the residual with its own fit added back) and given to the unit among them whose "

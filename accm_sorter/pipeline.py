@@ -671,6 +671,17 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             log(f"curated units: {missed.size} spikes matching missed found on the residual "
                 f"({merge_report['curated']['missed_spikes']})")
         spikes["unit_index"] = to_final[spikes["unit_index"]]
+        if params["split_by_amplitude"]:
+            from .matching import split_by_amplitude
+
+            samples, total_samples = global_sample_index(spikes, recording)
+            spikes, parents = split_by_amplitude(spikes, samples, total_samples, sampling_frequency, num_units,
+                                                 params["min_cluster_size"], seed,
+                                                 protected=np.arange(num_curated), log=log)
+            main_channels = np.concatenate([main_channels, main_channels[parents]])
+            confidence_by_unit = np.concatenate([confidence_by_unit, np.full(parents.size, np.nan)])
+            curated_ids = np.concatenate([curated_ids, np.full(parents.size, "", dtype=object)])
+            num_units += parents.size
         if params["drop_copied_spikes"]:
             spikes = drop_copies_between_sorted_units(preprocessed, spikes, num_units, noise_levels, params,
                                                       job_kwargs, protected=np.arange(num_curated), log=log)

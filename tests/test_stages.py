@@ -1034,6 +1034,43 @@ def test_spike_windows_come_in_batches_of_bounded_memory_with_the_same_content(s
     assert np.unique(at_whole).size == at_whole.size >= truth.size - 4  # edge spikes only are left out
 
 
+def test_a_unit_of_two_neurons_at_two_sizes_is_split_between_its_amplitude_modes_and_one_neuron_is_not():
+    """Two independent neurons at 6 and 14 Hz fitted by one template at amplitudes 0.89 and 1.04 (sd 0.035-0.04, the
+    tetrode's GT 6 and GT 8) are split, the smaller into a new unit; one neuron whose amplitude alternates between
+    the same two modes is kept whole (its modes never meet in the refractory period), as are a unimodal unit, a
+    unit of unfitted spikes (amplitude exactly 1) and a protected unit."""
+    from accm_sorter.matching import spike_dtype, split_by_amplitude, time_ordered
+
+    fs, duration, rng = 30000.0, 120.0, np.random.default_rng(0)
+    total = int(fs * duration)
+
+    def unit(times, amplitudes, index):
+        spikes = np.zeros(times.size, dtype=spike_dtype)
+        spikes["sample_index"], spikes["unit_index"], spikes["amplitude"] = times, index, amplitudes
+        return spikes
+
+    small, big = refractory_train(rng, total, 6 * 120), refractory_train(rng, total, 14 * 120)
+    one = refractory_train(rng, total, 15 * 120)
+    modes_of_one = np.arange(one.size) % 3 == 0
+    flat = refractory_train(rng, total, 10 * 120)
+    spikes = time_ordered(
+        unit(small, rng.normal(0.89, 0.035, small.size), 0), unit(big, rng.normal(1.04, 0.04, big.size), 0),
+        unit(one, np.where(modes_of_one, rng.normal(0.89, 0.035, one.size), rng.normal(1.04, 0.04, one.size)), 1),
+        unit(flat, rng.normal(1.0, 0.06, flat.size), 2), unit(flat + 7, np.ones(flat.size), 3),
+        unit(small + 11, rng.normal(0.89, 0.035, small.size), 4), unit(big + 11, rng.normal(1.04, 0.04, big.size), 4))
+    messages = []
+    split, parents = split_by_amplitude(spikes, spikes["sample_index"], total, fs, num_units=5, min_spikes=20, seed=0,
+                                        protected=[4], log=messages.append)
+    assert parents.tolist() == [0]
+    new_unit = split["sample_index"][split["unit_index"] == 5]
+    # measured: 96.8 % of the small neuron's spikes in the new unit and 2.4 % of the big one's (where the modes overlap)
+    assert np.isin(small, new_unit).mean() >= 0.95 and np.isin(big, new_unit).mean() <= 0.04
+    assert np.array_equal(split["unit_index"] == 5, np.isin(split["sample_index"], new_unit) & (spikes["unit_index"] == 0))
+    assert np.array_equal(split["unit_index"][spikes["unit_index"] != 0], spikes["unit_index"][spikes["unit_index"] != 0])
+    assert any(m.startswith("unit 1:") and m.endswith("kept whole") for m in messages)
+    assert not any(m.startswith(("unit 2:", "unit 3:", "unit 4:")) for m in messages)
+
+
 def test_spikes_swapped_between_alike_units_go_back_to_the_template_that_fits_them(short_gt):
     """Two alike units (one shape at two sizes, cosine 0.985) that traded a quarter and a tenth of their spikes, with
     templates blended by the trade as clustering leaves them: each spike goes back to the unit whose template fits
