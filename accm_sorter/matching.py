@@ -323,8 +323,7 @@ def forced_splits(waveforms, rows, parts, samples, total_samples, sampling_frequ
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
 
-    from .pairwise import (MAX_MERGE_REFRACTORY_RATIO, UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio,
-                           template_similarity)
+    from .pairwise import refractory_ratio, template_similarity, two_neurons_by_trains
     from .split import MAX_LAG_SAMPLES
 
     entries = []
@@ -342,7 +341,7 @@ def forced_splits(waveforms, rows, parts, samples, total_samples, sampling_frequ
                                      MAX_LAG_SAMPLES)[0]
         ratio = refractory_ratio(np.sort(samples[mine[cut == 0]]), np.sort(samples[mine[cut == 1]]), total_samples,
                                  sampling_frequency)
-        if cosine >= max_similarity or ratio <= MAX_MERGE_REFRACTORY_RATIO or ratio == UNINFORMATIVE_REFRACTORY_RATIO:
+        if cosine >= max_similarity or not two_neurons_by_trains(ratio):
             continue
         trial = np.where(cut == 1, max(int(parts.max()) + 1, num_templates), row)
         verdict = split_verdict(waveforms[mine], trial, samples[mine], total_samples, sampling_frequency)
@@ -388,7 +387,7 @@ def split_by_amplitude(spikes, samples, total_samples, sampling_frequency, num_u
     burst, never does). The smaller mode becomes a new unit, numbered from ``num_units``. ``samples``: each
     spike's global sample index. ``protected`` units (a curator's) are not split.
     """
-    from .pairwise import MAX_MERGE_REFRACTORY_RATIO, UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio
+    from .pairwise import refractory_ratio, two_neurons_by_trains
     from .split import rate_profile_overlap
 
     spikes = spikes.copy()
@@ -404,8 +403,7 @@ def split_by_amplitude(spikes, samples, total_samples, sampling_frequency, num_u
         small, big = np.sort(samples[fitted[modes == 0]]), np.sort(samples[fitted[modes == 1]])
         overlap = rate_profile_overlap(small, big, total_samples)
         ratio = refractory_ratio(small, big, total_samples, sampling_frequency)
-        kept = (overlap is not None and overlap >= MATCHED_SPLIT_MIN_RATE_OVERLAP
-                and ratio != UNINFORMATIVE_REFRACTORY_RATIO and ratio > MAX_MERGE_REFRACTORY_RATIO)
+        kept = overlap is not None and overlap >= MATCHED_SPLIT_MIN_RATE_OVERLAP and two_neurons_by_trains(ratio)
         if log is not None:
             log(f"unit {unit}: two amplitude modes {separation:.1f} sd apart, {small.size} + {big.size} spikes, rate "
                 f"overlap {'too few spikes' if overlap is None else round(overlap, 2)}, refractory ratio {ratio:.2f}: "

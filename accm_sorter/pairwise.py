@@ -174,6 +174,11 @@ def template_similarity(a: np.ndarray, b: np.ndarray, max_lag: int) -> tuple[flo
     return best_cos, (best_diff if np.isfinite(best_diff) else 2.0)
 
 
+def two_neurons_by_trains(ratio: float) -> bool:
+    """Whether a :func:`refractory_ratio` says two neurons: informative, and over what one neuron's pieces may show."""
+    return ratio > MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO
+
+
 def refractory_ratio(train_a, train_b, total_samples, sampling_frequency, low_ms=0.3, high_ms=1.5) -> float:
     """Observed / expected number of cross pairs at lags where one neuron cannot fire twice."""
     low = int(low_ms * sampling_frequency / 1000)

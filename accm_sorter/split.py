@@ -303,7 +303,7 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
     channels). The drift rules keep the sparse cosine.
     ``protected`` units (a curator's) are never joined.
     """
-    from .pairwise import MAX_MERGE_REFRACTORY_RATIO, UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio
+    from .pairwise import UNINFORMATIVE_REFRACTORY_RATIO, refractory_ratio, two_neurons_by_trains
 
     num_units = templates.shape[0]
     peak = np.abs(templates).max(axis=(1, 2))
@@ -349,7 +349,7 @@ def merge_duplicate_units(labels, templates, samples, total_samples, sampling_fr
         train_a, train_b = np.sort(samples[in_a]), np.sort(samples[in_b])
         ratio = refractory_ratio(train_a, train_b, total_samples, sampling_frequency)
         on_core = ""
-        if ratio > MAX_MERGE_REFRACTORY_RATIO and ratio != UNINFORMATIVE_REFRACTORY_RATIO:
+        if two_neurons_by_trains(ratio):
             if core is None:
                 continue
             core_mask = core() if core_mask is None else core_mask
