@@ -41,8 +41,9 @@ ABLATIONS = {
     "no-discovery": {"discover_units": False, "discover_small_units": False},
     # the traces are not motion-corrected
     "no-motion": {"motion_correction": "off"},
-    # no unit is split: neither the clustered units nor the matched ones, nor by their amplitudes
-    "no-splits": {"split_max_similarity": 0.0, "split_matched_units": False, "split_by_amplitude": False},
+    # no unit is split: neither the clustered units nor the matched ones, nor by their amplitudes or peeled waveforms
+    "no-splits": {"split_max_similarity": 0.0, "split_matched_units": False, "split_by_amplitude": False,
+                  "split_peeled_units": False},
     # the spikes of units with alike templates stay where matching put them
     "no-reassign": {"reassign_alike_units": False},
     # no unit is merged: neither by the pairwise classifier nor as a duplicate or a drift piece

@@ -352,6 +352,12 @@ PARAMETERS: tuple[Parameter, ...] = (
               "between them, where the two parts fire together over the recording and meet in the refractory period "
               "as two neurons do: two neurons of one shape at two sizes, which matching's free amplitude fits with one "
               "template (docs/method.md, 9o). Used only when matching_method is not 'none'."),
+    Parameter("split_peeled_units", True, bool, "matching",
+              "At the end, each unit's spikes are looked at with every other matched spike subtracted (its peeled "
+              "waveforms); k-means cuts them in two, and the cut is kept where the parts fire together over the "
+              "recording, each looks like the unit, and they meet in the refractory period as two neurons do: two "
+              "faint neurons side by side in a crowded site, whose raw waveforms differ less than their neighbours' "
+              "collisions make them vary (docs/method.md, 9p). Used only when matching_method is not 'none'."),
     Parameter("reassign_alike_units", True, bool, "matching",
               "After the last matching pass, each spike of units whose templates look alike (cosine >= 0.7) is "
               "taken alone (the residual with its own fit added back) and given to the unit among them whose "

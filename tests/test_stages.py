@@ -1596,3 +1596,50 @@ def test_a_spike_kept_unfitted_on_a_neighbours_remnant_is_dropped_and_a_real_col
         assert np.mean([s in kept_small for s in colliding]) > 0.95
         assert (kept["unit_index"] == 0).sum() == big_times.size  # fitted spikes are not refitted
         assert dropped == spikes.size - kept.size
+
+
+def test_two_neurons_in_one_unit_are_split_on_their_peeled_waveforms_and_single_neurons_are_not(tmp_path):
+    """The two most alike neurons of a 60 s recording put in one unit are cut apart on their peeled waveforms
+    (every other spike subtracted), each part holding >= 90 % of one neuron's spikes; the single-neuron units are
+    cut too, but their parts never meet in the refractory period, so they, and a protected unit of two neurons, are
+    kept whole."""
+    from accm_sorter.matching import spike_dtype, unit_templates
+    from accm_sorter.peeled_split import split_peeled_units
+    from accm_sorter.scenarios import generate_scenario
+    from accm_sorter.snippets import local_channel_table
+    from accm_sorter.sorting_tools import global_sample_index
+
+    recording, gt, noise = filtered_with_noise(generate_scenario("small8", 60.0, seed=5, folder=tmp_path / "gt"))
+    vector = gt.to_spike_vector()
+    truth = np.zeros(vector.size, dtype=spike_dtype)
+    for name in ("sample_index", "segment_index", "unit_index"):
+        truth[name] = vector[name]
+    truth["amplitude"] = 1.0
+    params = validate_params({})
+    num_units = gt.get_num_units()
+    dense = unit_templates(recording, truth, truth["unit_index"], num_units, noise, params, MATCHING_JOB_KWARGS,
+                           sparse=False).get_dense_templates()
+    pairs = [(template_similarity(dense[a].T, dense[b].T, 3)[0], a, b)
+             for a in range(num_units) for b in range(a + 1, num_units)]
+    _, first, second = max(pairs)
+    others = [u for u in range(num_units) if u not in (first, second)]
+    protected_pair = others[:2]
+    spikes = truth.copy()
+    spikes["unit_index"][truth["unit_index"] == second] = first
+    spikes["unit_index"][truth["unit_index"] == protected_pair[1]] = protected_pair[0]
+    samples, total = global_sample_index(spikes, recording)
+    table = local_channel_table(recording.get_channel_locations(), 8)
+    messages = []
+    split, parents = split_peeled_units(recording, spikes, num_units, table, noise, params, MATCHING_JOB_KWARGS,
+                                        samples, total, window=6, protected=[protected_pair[0]], log=messages.append)
+    assert parents.tolist() == [first]
+    majority = []
+    for neuron in (first, second):
+        counts = np.bincount(split["unit_index"][truth["unit_index"] == neuron], minlength=num_units + 1)
+        print(neuron, counts[[first, num_units]], counts.sum())
+        assert counts.max() >= 0.9 * counts.sum()
+        majority.append(counts.argmax())
+    assert sorted(majority) == [first, num_units]
+    untouched = ~np.isin(truth["unit_index"], [first, second])
+    assert np.array_equal(split["unit_index"][untouched], spikes["unit_index"][untouched])
+    assert any("1 split" in m for m in messages)

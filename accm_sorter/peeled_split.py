@@ -1,0 +1,151 @@
+"""Split sorted units on their peeled waveforms: each spike with every other matched spike subtracted.
+
+In a crowded site a spike's window holds on average one or two other neurons' spikes, and those, not
+the neuron's own shape, are what a unit's raw waveforms vary most by. Two faint neurons a few um apart
+(dense-overlap seed 2002: GT 7 and GT 11, 2.6 and 2.9 noise levels, 7 um apart) that end in one unit
+cannot be told apart on raw waveforms (k-means on their principal components cuts off collisions, not a
+neuron: 2,205 + 1,673 against 78 + 42 spikes), while on peeled waveforms k-means parts them 2,009 + 172
+against 274 + 1,543. The cut is kept on the trains' evidence only, as the other splits after matching:
+one neuron's parts never meet in the refractory period, two neurons' do (refractory ratio of the cut
+0.53 there; 0.02-0.22 for the cuts of eight single-neuron units of the same recording).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# principal components of a unit's peeled waveforms that k-means cuts in two (the cut of the two
+# neurons above is the same within 20 spikes on 4, 10, 24 components or the whole waveform)
+PEELED_SPLIT_PCA_COMPONENTS = 10
+# peeled waveforms per unit on which the cut is found; every spike of the unit is then classified
+PEELED_SPLIT_SAMPLE = 1000
+
+
+def unit_channels(dense, channel_table) -> np.ndarray:
+    """(units, k) channels of each unit: the ``channel_table`` row of its template's biggest channel."""
+    return channel_table[np.ptp(dense, axis=1).argmax(axis=1)]
+
+
+def local_peeled_windows(residual, templates, spikes, channels):
+    """Yield (positions in ``spikes``, peeled waveforms (n, T, k)): :func:`matching.peeled_windows` on the
+    ``channels`` of each spike's unit ((units, k), unit i in row i)."""
+    from .matching import peeled_windows
+
+    for at, windows in peeled_windows(residual, templates, spikes, margin=0):
+        rows = channels[spikes["unit_index"][at]]
+        yield at, np.take_along_axis(windows, rows[:, None, :], axis=2)
+
+
+def cut_in_two(waveforms, seed):
+    """(PCA, fitted k-means) of ``waveforms`` (n, width, k) cut in two."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    flat = waveforms.reshape(waveforms.shape[0], -1)
+    pca = PCA(min(PEELED_SPLIT_PCA_COMPONENTS, *flat.shape), random_state=seed).fit(flat)
+    kmeans = KMeans(2, n_init=5, random_state=seed).fit(pca.transform(flat))
+    return pca, kmeans
+
+
+def split_peeled_units(recording, spikes, num_units, channel_table, noise_levels, params, job_kwargs, samples,
+                       total_samples, window, reassign=True, protected=(), log=None):
+    """(``spikes`` with each unit that holds two neurons split on its peeled waveforms, the unit each new unit was
+    split from).
+
+    Each unit's template (on every channel) is subtracted at each of its spikes, scaled by the spike's fitted
+    amplitude; a unit's spikes are then looked at with their own template added back, on the channels around the
+    template's biggest one (``channel_table``). k-means cuts a sample of them in two on their principal components
+    (:func:`cut_in_two`), every spike of the unit is given to the nearer part, and the cut is kept where the parts
+    fire together over the recording (rate-profile overlap at least ``matching.MATCHED_SPLIT_MIN_RATE_OVERLAP``),
+    each looks like the whole (cosine at least ``matching.MATCHED_SPLIT_MIN_PART_SIMILARITY``), each holds at least
+    ``min_cluster_size`` spikes and the two meet in the refractory period as two neurons do
+    (:func:`pairwise.two_neurons_by_trains`). The smaller part becomes a new unit, numbered from ``num_units``.
+    ``samples``: each spike's global sample index. ``protected`` units (a curator's) are not split.
+
+    With ``reassign``, the spikes of each split unit are then given to the part whose template fits them best
+    (:func:`matching.reassign_between_alike_units` between the two parts alone, ``window``: its repeat window):
+    a template fit on every channel weighs all of the difference between the two, where k-means sees a few
+    channels' principal components (dense-overlap 2002: GT 7 0.70 -> 0.72, GT 11 0.53 -> 0.54). Off where one
+    template per unit does not hold (the probe moved).
+    """
+    from .matching import (MATCHED_SPLIT_MIN_PART_SIMILARITY, MATCHED_SPLIT_MIN_RATE_OVERLAP, has_full_window,
+                           residual_of_matching, unit_templates)
+    from .pairwise import refractory_ratio, template_similarity, two_neurons_by_trains
+    from .split import MAX_LAG_SAMPLES, rate_profile_overlap
+
+    seed, min_spikes = params["seed"], params["min_cluster_size"]
+    templates = unit_templates(recording, spikes, spikes["unit_index"], num_units, noise_levels, params, job_kwargs,
+                               sparse=False)
+    dense = templates.get_dense_templates()  # (units, T, channels), unit i in row i
+    nbefore, width = templates.nbefore, dense.shape[1]
+    channels = unit_channels(dense, channel_table)
+    inside = has_full_window(recording, spikes, nbefore, width - nbefore)
+    counts = np.bincount(spikes["unit_index"][inside], minlength=num_units)
+    candidates = np.setdiff1d(np.flatnonzero(counts >= 4 * min_spikes), protected)
+    if candidates.size == 0:
+        return spikes, np.zeros(0, dtype="int64")
+    residual = residual_of_matching(recording, templates, spikes)
+
+    rng = np.random.default_rng(seed)
+    sample = np.sort(np.concatenate([
+        rng.choice(np.flatnonzero(inside & (spikes["unit_index"] == unit)), min(counts[unit], PEELED_SPLIT_SAMPLE),
+                   replace=False) for unit in candidates]))
+    sampled = np.zeros((sample.size, width, channels.shape[1]), dtype="float32")
+    for at, waveforms in local_peeled_windows(residual, templates, spikes[sample], channels):
+        sampled[at] = waveforms
+    sampled_units = spikes["unit_index"][sample]
+    cuts = {}
+    for unit in candidates:
+        mine = sampled[sampled_units == unit]
+        pca, kmeans = cut_in_two(mine, seed)
+        parts = kmeans.labels_
+        whole = mine.mean(axis=0)
+        similarity = min(template_similarity(mine[parts == p].mean(axis=0), whole, MAX_LAG_SAMPLES)[0] for p in (0, 1))
+        if similarity >= MATCHED_SPLIT_MIN_PART_SIMILARITY:
+            cuts[unit] = (pca, kmeans, similarity)
+    del sampled
+
+    # every spike of a unit that may be cut, given to its nearer part
+    part_of = np.full(spikes.size, -1, dtype="int64")
+    todo = np.flatnonzero(inside & np.isin(spikes["unit_index"], list(cuts)))
+    for at, waveforms in local_peeled_windows(residual, templates, spikes[todo], channels):
+        units = spikes["unit_index"][todo[at]]
+        for unit in np.unique(units):
+            pca, kmeans, _ = cuts[unit]
+            here = units == unit
+            part_of[todo[at[here]]] = kmeans.predict(pca.transform(waveforms[here].reshape(here.sum(), -1)))
+
+    spikes = spikes.copy()
+    parents, ratios = [], {}
+    for unit, (_, _, similarity) in cuts.items():
+        mine = np.flatnonzero(part_of >= 0)
+        mine = mine[spikes["unit_index"][mine] == unit]
+        trains = [np.sort(samples[mine[part_of[mine] == p]]) for p in (0, 1)]
+        sizes = [train.size for train in trains]
+        if min(sizes) < min_spikes:
+            continue
+        overlap = rate_profile_overlap(trains[0], trains[1], total_samples)
+        ratio = refractory_ratio(trains[0], trains[1], total_samples, recording.sampling_frequency)
+        kept = overlap is not None and overlap >= MATCHED_SPLIT_MIN_RATE_OVERLAP and two_neurons_by_trains(ratio)
+        ratios[int(unit)] = round(float(ratio), 2)
+        if log is not None and two_neurons_by_trains(ratio):
+            log(f"peeled waveforms of unit {unit}: parts of {sizes[0]} + {sizes[1]} spikes, parts to the unit "
+                f"{similarity:.2f}, rate overlap {'too few spikes' if overlap is None else round(overlap, 2)}, "
+                f"refractory ratio {ratio:.2f}: " + ("split" if kept else "kept whole"))
+        if kept:
+            smaller = int(np.argmin(sizes))
+            spikes["unit_index"][mine[part_of[mine] == smaller]] = num_units + len(parents)
+            parents.append(int(unit))
+    if reassign and parents:
+        from .matching import FINAL_REASSIGN_MIN_SIMILARITY, reassign_between_alike_units
+
+        split_units = np.concatenate([parents, num_units + np.arange(len(parents))])
+        templates = unit_templates(recording, spikes, spikes["unit_index"], num_units + len(parents), noise_levels,
+                                   params, job_kwargs, sparse=False)
+        spikes, _ = reassign_between_alike_units(recording, templates, spikes, noise_levels, window,
+                                                 protected=np.setdiff1d(templates.unit_ids, split_units),
+                                                 log=log, min_similarity=FINAL_REASSIGN_MIN_SIMILARITY)
+    if log is not None:
+        log(f"peeled waveforms: {len(cuts)} of {candidates.size} units cut in two with parts like the unit, "
+            f"{len(parents)} split; refractory ratios of the cuts {ratios}")
+    return spikes, np.asarray(parents, dtype="int64")
