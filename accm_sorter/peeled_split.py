@@ -19,6 +19,8 @@ import numpy as np
 PEELED_SPLIT_PCA_COMPONENTS = 10
 # peeled waveforms per unit on which the cut is found; every spike of the unit is then classified
 PEELED_SPLIT_SAMPLE = 1000
+# at most this many bytes of sampled waveforms at once (units are taken a group at a time)
+PEELED_SPLIT_MAX_BYTES = 2**28
 
 
 def unit_channels(dense, channel_table) -> np.ndarray:
@@ -87,23 +89,27 @@ def split_peeled_units(recording, spikes, num_units, channel_table, noise_levels
     residual = residual_of_matching(recording, templates, spikes)
 
     rng = np.random.default_rng(seed)
-    sample = np.sort(np.concatenate([
-        rng.choice(np.flatnonzero(inside & (spikes["unit_index"] == unit)), min(counts[unit], PEELED_SPLIT_SAMPLE),
-                   replace=False) for unit in candidates]))
-    sampled = np.zeros((sample.size, width, channels.shape[1]), dtype="float32")
-    for at, waveforms in local_peeled_windows(residual, templates, spikes[sample], channels):
-        sampled[at] = waveforms
-    sampled_units = spikes["unit_index"][sample]
     cuts = {}
-    for unit in candidates:
-        mine = sampled[sampled_units == unit]
-        pca, kmeans = cut_in_two(mine, seed)
-        parts = kmeans.labels_
-        whole = mine.mean(axis=0)
-        similarity = min(template_similarity(mine[parts == p].mean(axis=0), whole, MAX_LAG_SAMPLES)[0] for p in (0, 1))
-        if similarity >= MATCHED_SPLIT_MIN_PART_SIMILARITY:
-            cuts[unit] = (pca, kmeans, similarity)
-    del sampled
+    # a few units' samples at a time: a 384-channel probe's hundreds of units would hold gigabytes at once
+    group = max(1, PEELED_SPLIT_MAX_BYTES // (4 * PEELED_SPLIT_SAMPLE * width * channels.shape[1]))
+    for first in range(0, candidates.size, group):
+        units = candidates[first:first + group]
+        sample = np.sort(np.concatenate([
+            rng.choice(np.flatnonzero(inside & (spikes["unit_index"] == unit)), min(counts[unit], PEELED_SPLIT_SAMPLE),
+                       replace=False) for unit in units]))
+        sampled = np.zeros((sample.size, width, channels.shape[1]), dtype="float32")
+        for at, waveforms in local_peeled_windows(residual, templates, spikes[sample], channels):
+            sampled[at] = waveforms
+        sampled_units = spikes["unit_index"][sample]
+        for unit in units:
+            mine = sampled[sampled_units == unit]
+            pca, kmeans = cut_in_two(mine, seed)
+            parts = kmeans.labels_
+            whole = mine.mean(axis=0)
+            similarity = min(template_similarity(mine[parts == p].mean(axis=0), whole, MAX_LAG_SAMPLES)[0]
+                             for p in (0, 1))
+            if similarity >= MATCHED_SPLIT_MIN_PART_SIMILARITY:
+                cuts[unit] = (pca, kmeans, similarity)
 
     # every spike of a unit that may be cut, given to its nearer part
     part_of = np.full(spikes.size, -1, dtype="int64")

@@ -1598,13 +1598,16 @@ def test_a_spike_kept_unfitted_on_a_neighbours_remnant_is_dropped_and_a_real_col
         assert dropped == spikes.size - kept.size
 
 
-def test_two_neurons_in_one_unit_are_split_on_their_peeled_waveforms_and_single_neurons_are_not(tmp_path):
+def test_two_neurons_in_one_unit_are_split_on_their_peeled_waveforms_and_single_neurons_are_not(tmp_path, monkeypatch):
     """The two most alike neurons of a 60 s recording put in one unit are cut apart on their peeled waveforms
     (every other spike subtracted), each part holding >= 90 % of one neuron's spikes; the single-neuron units are
     cut too, but their parts never meet in the refractory period, so they, and a protected unit of two neurons, are
-    kept whole."""
+    kept whole. The units' samples are taken two units at a time, as on a probe with hundreds of units."""
+    from accm_sorter import peeled_split
     from accm_sorter.matching import spike_dtype, unit_templates
     from accm_sorter.peeled_split import split_peeled_units
+
+    monkeypatch.setattr(peeled_split, "PEELED_SPLIT_MAX_BYTES", 2 * 4 * peeled_split.PEELED_SPLIT_SAMPLE * 105 * 8)
     from accm_sorter.scenarios import generate_scenario
     from accm_sorter.snippets import local_channel_table
     from accm_sorter.sorting_tools import global_sample_index
@@ -1636,7 +1639,6 @@ def test_two_neurons_in_one_unit_are_split_on_their_peeled_waveforms_and_single_
     majority = []
     for neuron in (first, second):
         counts = np.bincount(split["unit_index"][truth["unit_index"] == neuron], minlength=num_units + 1)
-        print(neuron, counts[[first, num_units]], counts.sum())
         assert counts.max() >= 0.9 * counts.sum()
         majority.append(counts.argmax())
     assert sorted(majority) == [first, num_units]
