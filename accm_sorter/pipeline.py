@@ -683,13 +683,11 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             curated_ids = np.concatenate([curated_ids, np.full(parents.size, "", dtype=object)])
             num_units += parents.size
         if params["split_peeled_units"]:
-            from .matching import FINAL_REASSIGN_MAX_TRAVEL_UM
             from .peeled_split import split_peeled_units
 
             samples, total_samples = global_sample_index(spikes, recording)
             spikes, parents = split_peeled_units(preprocessed, spikes, num_units, table, noise_levels, params,
-                                                 job_kwargs, samples, total_samples, censor,
-                                                 reassign=motion_span_um(motion) <= FINAL_REASSIGN_MAX_TRAVEL_UM,
+                                                 job_kwargs, samples, total_samples,
                                                  protected=np.arange(num_curated), log=log)
             main_channels = np.concatenate([main_channels, main_channels[parents]])
             confidence_by_unit = np.concatenate([confidence_by_unit, np.full(parents.size, np.nan)])

@@ -1634,7 +1634,7 @@ def test_two_neurons_in_one_unit_are_split_on_their_peeled_waveforms_and_single_
     table = local_channel_table(recording.get_channel_locations(), 8)
     messages = []
     split, parents = split_peeled_units(recording, spikes, num_units, table, noise, params, MATCHING_JOB_KWARGS,
-                                        samples, total, window=6, protected=[protected_pair[0]], log=messages.append)
+                                        samples, total, protected=[protected_pair[0]], log=messages.append)
     assert parents.tolist() == [first]
     majority = []
     for neuron in (first, second):
