@@ -170,9 +170,9 @@ def split_peeled_units(recording, spikes, num_units, channel_table, noise_levels
 
     spikes = spikes.copy()
     parents, ratios = [], {}
+    cut_spikes = np.flatnonzero(part_of >= 0)
     for unit, (_, _, similarity) in cuts.items():
-        mine = np.flatnonzero(part_of >= 0)
-        mine = mine[spikes["unit_index"][mine] == unit]
+        mine = cut_spikes[spikes["unit_index"][cut_spikes] == unit]
         trains = [np.sort(samples[mine[part_of[mine] == p]]) for p in (0, 1)]
         sizes = [train.size for train in trains]
         if min(sizes) < min_spikes:

@@ -102,6 +102,15 @@ def with_new_units(new_templates, to_final, main_channels, confidence_by_unit, c
             num_units + num_new)
 
 
+def with_split_units(parents, main_channels, confidence_by_unit, curated_ids, num_units):
+    """The per-unit arrays of the sorting extended by units split off the end of matching's units: each new unit
+    (numbered from ``num_units``) has the main channel of its parent in ``parents`` and no classifier confidence."""
+    return (np.concatenate([main_channels, main_channels[parents]]),
+            np.concatenate([confidence_by_unit, np.full(parents.size, np.nan)]),
+            np.concatenate([curated_ids, np.full(parents.size, "", dtype=object)]),
+            num_units + parents.size)
+
+
 def build_sorting(spikes, sampling_frequency, num_units, num_segments):
     from spikeinterface.core import NumpySorting
 
@@ -678,10 +687,8 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             spikes, parents = split_by_amplitude(spikes, samples, total_samples, sampling_frequency, num_units,
                                                  params["min_cluster_size"], seed,
                                                  protected=np.arange(num_curated), log=log)
-            main_channels = np.concatenate([main_channels, main_channels[parents]])
-            confidence_by_unit = np.concatenate([confidence_by_unit, np.full(parents.size, np.nan)])
-            curated_ids = np.concatenate([curated_ids, np.full(parents.size, "", dtype=object)])
-            num_units += parents.size
+            main_channels, confidence_by_unit, curated_ids, num_units = with_split_units(
+                parents, main_channels, confidence_by_unit, curated_ids, num_units)
         if params["split_peeled_units"]:
             from .peeled_split import split_peeled_units
 
@@ -689,10 +696,8 @@ def run_accm(recording, params: dict, sorter_output_folder: Path, verbose: bool 
             spikes, parents = split_peeled_units(preprocessed, spikes, num_units, table, noise_levels, params,
                                                  job_kwargs, samples, total_samples,
                                                  protected=np.arange(num_curated), log=log)
-            main_channels = np.concatenate([main_channels, main_channels[parents]])
-            confidence_by_unit = np.concatenate([confidence_by_unit, np.full(parents.size, np.nan)])
-            curated_ids = np.concatenate([curated_ids, np.full(parents.size, "", dtype=object)])
-            num_units += parents.size
+            main_channels, confidence_by_unit, curated_ids, num_units = with_split_units(
+                parents, main_channels, confidence_by_unit, curated_ids, num_units)
         if params["drop_copied_spikes"]:
             spikes = drop_copies_between_sorted_units(preprocessed, spikes, num_units, noise_levels, params,
                                                       job_kwargs, protected=np.arange(num_curated), log=log)
