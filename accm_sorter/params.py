@@ -356,7 +356,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "At the end, each unit's spikes are looked at with every other matched spike subtracted (its peeled "
               "waveforms); k-means cuts them in two, and the cut is kept where the parts fire together over the "
               "recording, each looks like the unit, and they meet in the refractory period as two neurons do (the kept "
-              "parts then refined by a linear discriminant trained on them): two "
+              "parts then refined by a two-Gaussian mixture with one shared covariance fitted to them, and the "
+              "trains asked again): two "
               "faint neurons side by side in a crowded site, whose raw waveforms differ less than their neighbours' "
               "collisions make them vary (docs/method.md, 9p). Used only when matching_method is not 'none'."),
     Parameter("reassign_alike_units", True, bool, "matching",

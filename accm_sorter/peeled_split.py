@@ -19,10 +19,12 @@ import numpy as np
 PEELED_SPLIT_PCA_COMPONENTS = 10
 # peeled waveforms per unit on which the cut is found; every spike of the unit is then classified
 PEELED_SPLIT_SAMPLE = 1000
-# the parts of a kept cut are refined by a discriminant trained on them, for at most this many rounds, on at most
-# this many of the unit's spikes (dense-overlap 2002's two faint neurons: 15 rounds to converge on all 4,305)
-PEELED_SPLIT_LDA_ROUNDS = 15
-PEELED_SPLIT_LDA_SAMPLE = 5000
+# the parts of a kept cut are refined by a two-part mixture fitted to at most this many of the unit's spikes, for at
+# most this many rounds or until no spike's posterior moves by the tolerance (dense-overlap 2002's two faint neurons,
+# all 4,305 spikes: the wrong-part count settles within 30 rounds)
+PEELED_SPLIT_EM_SAMPLE = 5000
+PEELED_SPLIT_EM_ROUNDS = 60
+PEELED_SPLIT_EM_TOLERANCE = 1e-4
 # at most this many bytes of sampled waveforms at once (units are taken a group at a time)
 PEELED_SPLIT_MAX_BYTES = 2**28
 
@@ -53,48 +55,90 @@ def cut_in_two(waveforms, seed):
     return pca, kmeans
 
 
+def two_part_discriminant(features, parts, max_rounds=PEELED_SPLIT_EM_ROUNDS, tolerance=PEELED_SPLIT_EM_TOLERANCE):
+    """(w, b): the linear rule ``features @ w + b > 0`` for part 1 of a two-Gaussian mixture with one shared
+    covariance, fitted by expectation-maximisation from the hard ``parts`` (0 or 1) of ``features`` (n, d).
+
+    The shared covariance is shrunk towards its mean variance with the Ledoit-Wolf weight of the starting parts
+    (d can be near n). Each spike weighs in each part by its posterior, so the spikes near the boundary, which a
+    hard relabelling would hand wholly to one side each round, no longer drag that part's mean towards the other.
+    Dense-overlap 2002, GT 7 + GT 11's unit (4,305 peeled waveforms, 8 channels x 54 samples): 11.3 % of the two
+    neurons' spikes in the wrong part with k-means, 6.4 % with a hard self-trained discriminant, 4.7 % with this
+    (4.4 % for a discriminant trained on the true labels)."""
+    from scipy.special import expit
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    features = np.asarray(features, dtype="float64")
+    n, d = features.shape
+    gram = features.T @ features / n
+    means = np.stack([features[parts == p].mean(axis=0) for p in (0, 1)])
+    shrinkage = ledoit_wolf_shrinkage(features - means[parts], assume_centered=True)
+    posterior = parts.astype("float64")  # of part 1
+    for _ in range(max_rounds):
+        weights = np.stack([1.0 - posterior, posterior])  # (2, n)
+        totals = weights.sum(axis=1)
+        means = weights @ features / totals[:, None]
+        scatter = gram - (totals[:, None, None] * means[:, :, None] * means[:, None, :]).sum(axis=0) / n
+        covariance = (1.0 - shrinkage) * scatter + shrinkage * np.trace(scatter) / d * np.eye(d)
+        w = np.linalg.solve(covariance, means[1] - means[0])
+        b = -0.5 * (means[0] + means[1]) @ w + np.log(totals[1] / totals[0])
+        updated = expit(features @ w + b)
+        converged = np.abs(updated - posterior).max() < tolerance
+        posterior = updated
+        if converged:
+            break
+    return w, b
+
+
 def refine_parts(residual, templates, spikes, part_of, units, channels, min_spikes, seed):
-    """``part_of`` (each spike's part, -1: none) of the spikes of ``units`` given by a linear discriminant trained
-    on the parts themselves, a few rounds over (self-training, up to ``PEELED_SPLIT_LDA_ROUNDS``), on up to
-    ``PEELED_SPLIT_LDA_SAMPLE`` of each unit's peeled waveforms.
+    """``part_of`` (each spike's part, -1: none) of the spikes of ``units`` given by a two-part linear discriminant
+    fitted to the parts themselves (:func:`two_part_discriminant`) on up to ``PEELED_SPLIT_EM_SAMPLE`` of each
+    unit's peeled waveforms (whole window, the unit's channels).
 
     k-means on a few principal components weighs the collisions' variance like the neurons' difference; the
-    discriminant, with the parts' pooled covariance (shrunk, Ledoit-Wolf), weighs the difference against the
-    collisions. Dense-overlap 2002, GT 7 + GT 11's unit: 11.7 % of their spikes in the wrong part with k-means,
-    6.2 % after 15 rounds on all 4,305 spikes (4.4 % for a discriminant trained on the true labels). A unit whose
+    discriminant, with the parts' shared covariance, weighs the difference against the collisions. A unit whose
     refined parts would fall under ``min_spikes`` keeps the k-means parts."""
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-
     rng = np.random.default_rng(seed)
     chosen = {}
     for unit in units:
         mine = np.flatnonzero((part_of >= 0) & (spikes["unit_index"] == unit))
-        chosen[unit] = np.sort(rng.choice(mine, min(PEELED_SPLIT_LDA_SAMPLE, mine.size), replace=False))
+        chosen[unit] = np.sort(rng.choice(mine, min(PEELED_SPLIT_EM_SAMPLE, mine.size), replace=False))
     train = np.sort(np.concatenate(list(chosen.values())))
     waveforms = np.zeros((train.size, templates.get_dense_templates().shape[1] * channels.shape[1]), dtype="float32")
     for at, windows in local_peeled_windows(residual, templates, spikes[train], channels):
         waveforms[at] = windows.reshape(at.size, -1)
-    classifiers = {}
+    rules = {}
     for unit in units:
-        rows = np.searchsorted(train, chosen[unit])
-        features, parts = waveforms[rows], part_of[chosen[unit]]
-        for _ in range(PEELED_SPLIT_LDA_ROUNDS):
-            lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(features, parts)
-            refined = lda.predict(features)
-            if min(np.bincount(refined, minlength=2)) < min_spikes:
-                lda = None
-                break
-            if np.array_equal(refined, parts):
-                break
-            parts = refined
-        if lda is not None:
-            classifiers[unit] = lda
-    todo = np.flatnonzero((part_of >= 0) & np.isin(spikes["unit_index"], list(classifiers)))
+        features = waveforms[np.searchsorted(train, chosen[unit])]
+        w, b = two_part_discriminant(features, part_of[chosen[unit]])
+        refined = (features @ w + b > 0).astype("int64")
+        if min(np.bincount(refined, minlength=2)) >= min_spikes:
+            rules[unit] = (w, b)
+    todo = np.flatnonzero((part_of >= 0) & np.isin(spikes["unit_index"], list(rules)))
     for at, windows in local_peeled_windows(residual, templates, spikes[todo], channels):
         units_here = spikes["unit_index"][todo[at]]
         for unit in np.unique(units_here):
             here = units_here == unit
-            part_of[todo[at[here]]] = classifiers[unit].predict(windows[here].reshape(here.sum(), -1))
+            w, b = rules[unit]
+            part_of[todo[at[here]]] = (windows[here].reshape(here.sum(), -1) @ w + b > 0).astype("int64")
+
+
+def judge_cut(samples, parts, total_samples, sampling_frequency, min_spikes):
+    """(part sizes, rate-profile overlap, refractory ratio, kept) of a unit's spikes at global ``samples`` cut into
+    ``parts`` (0 or 1); kept where each part holds ``min_spikes`` spikes, the parts fire together over the recording
+    and meet in the refractory period as two neurons do. Sizes None: a part too small to judge."""
+    from .matching import MATCHED_SPLIT_MIN_RATE_OVERLAP
+    from .pairwise import refractory_ratio, two_neurons_by_trains
+    from .split import rate_profile_overlap
+
+    trains = [np.sort(samples[parts == p]) for p in (0, 1)]
+    sizes = [train.size for train in trains]
+    if min(sizes) < min_spikes:
+        return None, None, None, False
+    overlap = rate_profile_overlap(trains[0], trains[1], total_samples)
+    ratio = refractory_ratio(trains[0], trains[1], total_samples, sampling_frequency)
+    kept = overlap is not None and overlap >= MATCHED_SPLIT_MIN_RATE_OVERLAP and two_neurons_by_trains(ratio)
+    return sizes, overlap, ratio, kept
 
 
 def split_peeled_units(recording, spikes, num_units, channel_table, noise_levels, params, job_kwargs, samples,
@@ -117,10 +161,9 @@ def split_peeled_units(recording, spikes, num_units, channel_table, noise_levels
     the two neurons of dense-overlap 2002 lost what the discriminant had gained (GT 7 0.78 -> 0.74, GT 11 0.58 ->
     0.55), and tetrode 2003's GT 0 and GT 5 0.97 and 0.86 -> 0.93 and 0.82.
     """
-    from .matching import (MATCHED_SPLIT_MIN_PART_SIMILARITY, MATCHED_SPLIT_MIN_RATE_OVERLAP, has_full_window,
-                           residual_of_matching, unit_templates)
-    from .pairwise import refractory_ratio, template_similarity, two_neurons_by_trains
-    from .split import MAX_LAG_SAMPLES, rate_profile_overlap
+    from .matching import MATCHED_SPLIT_MIN_PART_SIMILARITY, has_full_window, residual_of_matching, unit_templates
+    from .pairwise import template_similarity, two_neurons_by_trains
+    from .split import MAX_LAG_SAMPLES
 
     seed, min_spikes = params["seed"], params["min_cluster_size"]
     templates = unit_templates(recording, spikes, spikes["unit_index"], num_units, noise_levels, params, job_kwargs,
@@ -173,13 +216,10 @@ def split_peeled_units(recording, spikes, num_units, channel_table, noise_levels
     cut_spikes = np.flatnonzero(part_of >= 0)
     for unit, (_, _, similarity) in cuts.items():
         mine = cut_spikes[spikes["unit_index"][cut_spikes] == unit]
-        trains = [np.sort(samples[mine[part_of[mine] == p]]) for p in (0, 1)]
-        sizes = [train.size for train in trains]
-        if min(sizes) < min_spikes:
+        sizes, overlap, ratio, kept = judge_cut(samples[mine], part_of[mine], total_samples,
+                                                recording.sampling_frequency, min_spikes)
+        if sizes is None:
             continue
-        overlap = rate_profile_overlap(trains[0], trains[1], total_samples)
-        ratio = refractory_ratio(trains[0], trains[1], total_samples, recording.sampling_frequency)
-        kept = overlap is not None and overlap >= MATCHED_SPLIT_MIN_RATE_OVERLAP and two_neurons_by_trains(ratio)
         ratios[int(unit)] = round(float(ratio), 2)
         if log is not None and two_neurons_by_trains(ratio):
             log(f"peeled waveforms of unit {unit}: parts of {sizes[0]} + {sizes[1]} spikes, parts to the unit "
@@ -189,6 +229,18 @@ def split_peeled_units(recording, spikes, num_units, channel_table, noise_levels
             parents.append(int(unit))
     if parents:
         refine_parts(residual, templates, spikes, part_of, parents, channels, min_spikes, seed)
+        # the discriminant moved spikes between the parts: the trains must still say two neurons
+        still = []
+        for unit in parents:
+            mine = np.flatnonzero((part_of >= 0) & (spikes["unit_index"] == unit))
+            sizes, overlap, ratio, kept = judge_cut(samples[mine], part_of[mine], total_samples,
+                                                    recording.sampling_frequency, min_spikes)
+            if kept:
+                still.append(unit)
+            elif log is not None:
+                log(f"peeled waveforms of unit {unit}: the refined parts no longer look like two neurons "
+                    f"(sizes {sizes}, rate overlap {overlap}, refractory ratio {ratio}): kept whole")
+        parents = still
     for number, unit in enumerate(parents):
         mine = np.flatnonzero((part_of >= 0) & (spikes["unit_index"] == unit))
         smaller = int(np.argmin(np.bincount(part_of[mine], minlength=2)))
