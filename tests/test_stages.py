@@ -1670,3 +1670,45 @@ def test_two_part_discriminant_recovers_two_parts_from_a_rough_cut():
     assert true_error < 0.05
     assert fitted_error <= true_error + 0.02
     assert nearer_error > fitted_error + 0.05
+
+
+def test_two_part_discriminant_on_more_dimensions_than_spikes_fits_on_principal_components(tmp_path, monkeypatch):
+    """The two most alike neurons of a 60 s recording (about 800 spikes, 8 channels x 105 samples of peeled
+    waveform each), started with a fifth of each neuron's spikes on the other side: the fit on principal components
+    puts >= 97 % on their own side; on all dimensions it stays near where it started."""
+    from accm_sorter import peeled_split
+    from accm_sorter.matching import residual_of_matching, spike_dtype, unit_templates
+    from accm_sorter.peeled_split import local_peeled_windows, two_part_discriminant
+    from accm_sorter.scenarios import generate_scenario
+    from accm_sorter.snippets import local_channel_table
+
+    recording, gt, noise = filtered_with_noise(generate_scenario("small8", 60.0, seed=5, folder=tmp_path / "gt"))
+    vector = gt.to_spike_vector()
+    truth = np.zeros(vector.size, dtype=spike_dtype)
+    for name in ("sample_index", "segment_index", "unit_index"):
+        truth[name] = vector[name]
+    truth["amplitude"] = 1.0
+    params = validate_params({})
+    num_units = gt.get_num_units()
+    templates = unit_templates(recording, truth, truth["unit_index"], num_units, noise, params, MATCHING_JOB_KWARGS,
+                               sparse=False)
+    dense = templates.get_dense_templates()
+    _, first, second = max((template_similarity(dense[a].T, dense[b].T, 3)[0], a, b)
+                           for a in range(num_units) for b in range(a + 1, num_units))
+    table = local_channel_table(recording.get_channel_locations(), 8)
+    channels = np.repeat(table[np.ptp(dense[first] + dense[second], axis=0).argmax()][None], num_units, axis=0)
+    pair = truth[np.isin(truth["unit_index"], (first, second))]
+    residual = residual_of_matching(recording, templates, truth)
+    features = np.zeros((pair.size, dense.shape[1] * 8), dtype="float32")
+    seen = np.zeros(pair.size, dtype=bool)
+    for at, windows in local_peeled_windows(residual, templates, pair, channels):
+        features[at], seen[at] = windows.reshape(at.size, -1), True
+    features, labels = features[seen], (pair["unit_index"][seen] == second).astype("int64")
+    assert features.shape[1] > features.shape[0]
+    start = np.where(np.random.default_rng(1).random(labels.size) < 0.2, 1 - labels, labels)
+
+    w, b = two_part_discriminant(features, start)
+    assert np.mean((features @ w + b > 0) == labels) >= 0.97
+    monkeypatch.setattr(peeled_split, "PEELED_SPLIT_EM_SPIKES_PER_DIMENSION", 1)
+    w, b = two_part_discriminant(features, start)
+    assert np.mean((features @ w + b > 0) == labels) < 0.9
