@@ -71,7 +71,9 @@ def two_part_discriminant(features, parts, max_rounds=PEELED_SPLIT_EM_ROUNDS, to
     from scipy.special import expit
     from sklearn.covariance import ledoit_wolf_shrinkage
 
-    features = np.asarray(features, dtype="float64")
+    features, parts = np.asarray(features, dtype="float64"), np.asarray(parts, dtype="int64")
+    if np.bincount(parts, minlength=2).min() == 0:
+        raise ValueError("two_part_discriminant needs spikes in both parts to start from")
     center, basis = features.mean(axis=0), None
     if features.shape[1] > features.shape[0] // PEELED_SPLIT_EM_SPIKES_PER_DIMENSION:
         # with more dimensions than the spikes can pin down, any labelling is nearly separable and the fit stays
@@ -88,6 +90,8 @@ def two_part_discriminant(features, parts, max_rounds=PEELED_SPLIT_EM_ROUNDS, to
     for _ in range(max_rounds):
         weights = np.stack([1.0 - posterior, posterior])  # (2, n)
         totals = weights.sum(axis=1)
+        if totals.min() < 1.0:  # one part has emptied: the last rule stands
+            break
         means = weights @ features / totals[:, None]
         scatter = gram - (totals[:, None, None] * means[:, :, None] * means[:, None, :]).sum(axis=0) / n
         covariance = (1.0 - shrinkage) * scatter + shrinkage * np.trace(scatter) / d * np.eye(d)
