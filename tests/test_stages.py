@@ -1598,33 +1598,42 @@ def test_a_spike_kept_unfitted_on_a_neighbours_remnant_is_dropped_and_a_real_col
         assert dropped == spikes.size - kept.size
 
 
+def small8_with_true_spikes(folder):
+    """(filtered recording, noise levels, the ground-truth spikes as matched spikes at amplitude 1, their units'
+    templates on every channel, the two units whose templates are most alike) of 60 s of small8, seed 5."""
+    from accm_sorter.matching import spike_dtype, unit_templates
+    from accm_sorter.scenarios import generate_scenario
+
+    recording, gt, noise = filtered_with_noise(generate_scenario("small8", 60.0, seed=5, folder=folder))
+    vector = gt.to_spike_vector()
+    truth = np.zeros(vector.size, dtype=spike_dtype)
+    for name in ("sample_index", "segment_index", "unit_index"):
+        truth[name] = vector[name]
+    truth["amplitude"] = 1.0
+    num_units = gt.get_num_units()
+    templates = unit_templates(recording, truth, truth["unit_index"], num_units, noise, validate_params({}),
+                               MATCHING_JOB_KWARGS, sparse=False)
+    dense = templates.get_dense_templates()
+    _, first, second = max((template_similarity(dense[a].T, dense[b].T, 3)[0], a, b)
+                           for a in range(num_units) for b in range(a + 1, num_units))
+    return recording, noise, truth, templates, (first, second)
+
+
 def test_two_neurons_in_one_unit_are_split_on_their_peeled_waveforms_and_single_neurons_are_not(tmp_path, monkeypatch):
     """The two most alike neurons of a 60 s recording put in one unit are cut apart on their peeled waveforms
     (every other spike subtracted), each part holding >= 90 % of one neuron's spikes; the single-neuron units are
     cut too, but their parts never meet in the refractory period, so they, and a protected unit of two neurons, are
     kept whole. The units' samples are taken two units at a time, as on a probe with hundreds of units."""
     from accm_sorter import peeled_split
-    from accm_sorter.matching import spike_dtype, unit_templates
     from accm_sorter.peeled_split import split_peeled_units
 
     monkeypatch.setattr(peeled_split, "PEELED_SPLIT_MAX_BYTES", 2 * 4 * peeled_split.PEELED_SPLIT_SAMPLE * 105 * 8)
-    from accm_sorter.scenarios import generate_scenario
     from accm_sorter.snippets import local_channel_table
     from accm_sorter.sorting_tools import global_sample_index
 
-    recording, gt, noise = filtered_with_noise(generate_scenario("small8", 60.0, seed=5, folder=tmp_path / "gt"))
-    vector = gt.to_spike_vector()
-    truth = np.zeros(vector.size, dtype=spike_dtype)
-    for name in ("sample_index", "segment_index", "unit_index"):
-        truth[name] = vector[name]
-    truth["amplitude"] = 1.0
+    recording, noise, truth, templates, (first, second) = small8_with_true_spikes(tmp_path / "gt")
     params = validate_params({})
-    num_units = gt.get_num_units()
-    dense = unit_templates(recording, truth, truth["unit_index"], num_units, noise, params, MATCHING_JOB_KWARGS,
-                           sparse=False).get_dense_templates()
-    pairs = [(template_similarity(dense[a].T, dense[b].T, 3)[0], a, b)
-             for a in range(num_units) for b in range(a + 1, num_units)]
-    _, first, second = max(pairs)
+    num_units = templates.num_units
     others = [u for u in range(num_units) if u not in (first, second)]
     protected_pair = others[:2]
     spikes = truth.copy()
@@ -1677,24 +1686,13 @@ def test_two_part_discriminant_on_more_dimensions_than_spikes_fits_on_principal_
     waveform each), started with a fifth of each neuron's spikes on the other side: the fit on principal components
     puts >= 97 % on their own side; on all dimensions it stays near where it started."""
     from accm_sorter import peeled_split
-    from accm_sorter.matching import residual_of_matching, spike_dtype, unit_templates
+    from accm_sorter.matching import residual_of_matching
     from accm_sorter.peeled_split import local_peeled_windows, two_part_discriminant
-    from accm_sorter.scenarios import generate_scenario
     from accm_sorter.snippets import local_channel_table
 
-    recording, gt, noise = filtered_with_noise(generate_scenario("small8", 60.0, seed=5, folder=tmp_path / "gt"))
-    vector = gt.to_spike_vector()
-    truth = np.zeros(vector.size, dtype=spike_dtype)
-    for name in ("sample_index", "segment_index", "unit_index"):
-        truth[name] = vector[name]
-    truth["amplitude"] = 1.0
-    params = validate_params({})
-    num_units = gt.get_num_units()
-    templates = unit_templates(recording, truth, truth["unit_index"], num_units, noise, params, MATCHING_JOB_KWARGS,
-                               sparse=False)
+    recording, noise, truth, templates, (first, second) = small8_with_true_spikes(tmp_path / "gt")
     dense = templates.get_dense_templates()
-    _, first, second = max((template_similarity(dense[a].T, dense[b].T, 3)[0], a, b)
-                           for a in range(num_units) for b in range(a + 1, num_units))
+    num_units = dense.shape[0]
     table = local_channel_table(recording.get_channel_locations(), 8)
     channels = np.repeat(table[np.ptp(dense[first] + dense[second], axis=0).argmax()][None], num_units, axis=0)
     pair = truth[np.isin(truth["unit_index"], (first, second))]
