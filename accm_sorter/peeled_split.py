@@ -75,12 +75,13 @@ def two_part_discriminant(features, parts, max_rounds=PEELED_SPLIT_EM_ROUNDS, to
     if np.bincount(parts, minlength=2).min() == 0:
         raise ValueError("two_part_discriminant needs spikes in both parts to start from")
     center, basis = features.mean(axis=0), None
-    if features.shape[1] > features.shape[0] // PEELED_SPLIT_EM_SPIKES_PER_DIMENSION:
+    components = max(1, features.shape[0] // PEELED_SPLIT_EM_SPIKES_PER_DIMENSION)
+    if features.shape[1] > components:
         # with more dimensions than the spikes can pin down, any labelling is nearly separable and the fit stays
         # where it started (60 s small8, the two most alike neurons' 803 spikes x 840 samples, a fifth of each
         # neuron's spikes started on the other side: 14 % left on the wrong side; on 80 principal components 0.1 %)
         _, _, vt = np.linalg.svd(features - center, full_matrices=False)
-        basis = vt[:max(1, features.shape[0] // PEELED_SPLIT_EM_SPIKES_PER_DIMENSION)].T
+        basis = vt[:components].T
         features = (features - center) @ basis
     n, d = features.shape
     gram = features.T @ features / n
